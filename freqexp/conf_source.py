@@ -1,0 +1,78 @@
+"""Serves the `loss` config group for any `+`-joined spec.
+
+`loss=mse+ssim` names a group option, yet every combination of terms in any order is valid,
+so no folder of yaml files can hold them all. This config source answers `loss/<spec>` with
+    spec: <spec>
+    weights: {<term>: 1.0, ...}
+    params:  {<term>: {<option>: default, ...}, ...}
+so that `loss.weights.ssim=0.5` and `loss.params.ssim.win_size=5` work from the command line.
+Unknown terms still compose (a sweep must not die while composing one bad job); the run's
+validation step rejects them with the list of known terms. A yaml file in conf/loss/ with the
+same name takes precedence (presets with tuned weights)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from hydra.core.object_type import ObjectType
+from hydra.core.plugins import Plugins
+from hydra.plugins.config_source import ConfigResult, ConfigLoadError, ConfigSource
+from omegaconf import OmegaConf
+
+GROUP = "loss"
+SCHEME = "freqexp-loss"
+
+
+def loss_node(spec: str) -> dict:
+    from freqexp.losses.terms import LOSS_TERMS
+
+    names = [t.strip() for t in spec.split("+") if t.strip()]
+    known = [n for n in names if n in LOSS_TERMS]
+    return {
+        "spec": spec,
+        "weights": {n: 1.0 for n in known},
+        "params": {n: dict(LOSS_TERMS.get(n).defaults) for n in known if LOSS_TERMS.get(n).defaults},
+    }
+
+
+class LossSpecSource(ConfigSource):
+    @staticmethod
+    def scheme() -> str:
+        return SCHEME
+
+    def _option(self, config_path: str) -> Optional[str]:
+        path = self._normalize_file_name(config_path.strip("/"))
+        if not path.startswith(GROUP + "/") or not path.endswith(".yaml"):
+            return None
+        option = path[len(GROUP) + 1 : -len(".yaml")]
+        return option if option and "/" not in option else None
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        option = self._option(config_path)
+        if option is None:
+            raise ConfigLoadError(f"{SCHEME} serves only {GROUP}/<spec>, not {config_path}")
+        return ConfigResult(
+            config=OmegaConf.create(loss_node(option)),
+            path=f"{SCHEME}://{self.path}",
+            provider=self.provider,
+            header={"package": GROUP},
+        )
+
+    def available(self) -> bool:
+        return True
+
+    def is_group(self, config_path: str) -> bool:
+        return config_path.strip("/") == GROUP
+
+    def is_config(self, config_path: str) -> bool:
+        return self._option(config_path) is not None
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        if config_path.strip("/") != GROUP or results_filter == ObjectType.GROUP:
+            return []
+        from freqexp.losses.terms import LOSS_TERMS
+
+        return LOSS_TERMS.names() + ["mse+ssim"]
+
+
+def register() -> None:
+    Plugins.instance().register(LossSpecSource)

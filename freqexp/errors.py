@@ -1,0 +1,23 @@
+"""Errors that reach the user as one line, without a traceback."""
+from __future__ import annotations
+
+
+class FreqexpError(Exception):
+    """A problem the user can fix (config, data); printed as one line."""
+
+
+class ConfigError(FreqexpError):
+    """A config value is invalid. `key` is the dotted config key the user should change."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+class DataError(FreqexpError):
+    """Data is missing, corrupt or inconsistent."""
+
+
+class TrainingError(FreqexpError):
+    """Training went wrong in a way a setting explains (NaN loss, ...)."""

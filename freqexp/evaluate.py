@@ -1,0 +1,72 @@
+"""Step 7: score val and test, pick the threshold on val, report test."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from freqexp.data import OneClassData, Split
+from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, roc_auc
+from freqexp.training import ReconstructionModule, to_unit_float
+
+
+@dataclass
+class Scored:
+    scores: torch.Tensor  # [N] on CPU
+    labels: torch.Tensor  # [N] on CPU
+    maps: Optional[torch.Tensor]  # [N,1,H,W] on CPU when kept
+    seconds: float
+
+
+@torch.no_grad()
+def score_split(module: ReconstructionModule, split: Split, batch_size: int, keep_maps: bool = False) -> Scored:
+    """Anomaly maps and image scores for a split, in fp32, batched on the module's device."""
+    module.eval()
+    device = module.device
+    images = split.images.to(device)
+    scores, maps = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        m = module.anomaly_map(to_unit_float(images[start : start + batch_size]))
+        scores.append(module.image_scores(m))
+        if keep_maps:
+            maps.append(m.cpu())
+    s = torch.cat(scores).cpu()
+    seconds = time.perf_counter() - t0  # .cpu() above waited for the device
+    return Scored(s, split.labels.cpu(), torch.cat(maps) if keep_maps else None, seconds)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) -> tuple[Dict[str, float], Dict[str, Scored]]:
+    val = score_split(module, data.val, batch_size)
+    test = score_split(module, data.test, batch_size, keep_maps=data.test.masks is not None)
+    for name, s in (("val", val), ("test", test)):
+        if not torch.isfinite(s.scores).all():
+            raise FloatingPointError(f"{name} anomaly scores contain NaN/inf: the model diverged")
+    threshold, val_f1 = best_f1_threshold(val.scores, val.labels)
+    m: Dict[str, float] = {
+        "val/auroc": roc_auc(val.scores, val.labels),
+        "val/ap": average_precision(val.scores, val.labels),
+        "val/f1": val_f1,
+        "val/threshold": threshold,
+        "test/auroc": roc_auc(test.scores, test.labels),
+        "test/ap": average_precision(test.scores, test.labels),
+        "test/throughput": len(test.scores) / max(test.seconds, 1e-9),
+    }
+    m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
+    m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold, for reference only
+    if test.maps is not None:
+        masks = data.test.masks.cpu()
+        m["test/pixel_auroc"] = roc_auc(test.maps.flatten(), masks.flatten())
+    m["sys/peak_memory_mb"] = peak_memory_mb(module.device)
+    return m, {"val": val, "test": test}

@@ -1,0 +1,5 @@
+"""Loss terms and the composite built from a spec such as `mse+ssim`."""
+from freqexp.losses.composite import CompositeLoss, build_loss, parse_spec
+from freqexp.losses.terms import LOSS_TERMS
+
+__all__ = ["CompositeLoss", "LOSS_TERMS", "build_loss", "parse_spec"]

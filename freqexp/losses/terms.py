@@ -1,0 +1,145 @@
+"""Pixel-space loss terms. Each takes (pred, target) images in [0, 1], shape [B, C, H, W],
+and returns a scalar. `defaults` are the term's options (loss.params.<term>.*);
+`min_size` is the smallest image side the term can handle with given options."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freqexp.registry import Registry
+
+LOSS_TERMS: Registry[type["LossTerm"]] = Registry("loss term", "loss")
+
+
+class LossTerm(nn.Module):
+    defaults: Dict[str, Any] = {}
+
+    @staticmethod
+    def min_size(params: Dict[str, Any]) -> int:
+        return 1
+
+    @staticmethod
+    def check(params: Dict[str, Any]) -> Dict[str, str]:
+        """Return {param: problem} for invalid options."""
+        return {}
+
+
+@LOSS_TERMS.register("mse")
+class MSE(LossTerm):
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(pred, target)
+
+
+@LOSS_TERMS.register("l1")
+class L1(LossTerm):
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(pred, target)
+
+
+@LOSS_TERMS.register("charbonnier")
+class Charbonnier(LossTerm):
+    """sqrt(d^2 + eps^2): L1-like for large errors, smooth (L2-like) near zero."""
+
+    defaults = {"eps": 1.0e-3}
+
+    def __init__(self, eps: float = 1.0e-3):
+        super().__init__()
+        self.eps = float(eps)
+
+    @staticmethod
+    def check(params):
+        return {} if params["eps"] > 0 else {"eps": f"must be > 0, got {params['eps']}"}
+
+    def forward(self, pred, target):
+        diff = pred.float() - target.float()
+        return torch.sqrt(diff * diff + self.eps**2).mean()
+
+
+def gaussian_window(win_size: int, sigma: float, device=None) -> torch.Tensor:
+    coords = torch.arange(win_size, dtype=torch.float32, device=device) - (win_size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+    """Mean structural similarity with a Gaussian window (valid convolution, per channel),
+    computed in fp32 so it stays accurate under mixed precision."""
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    g = gaussian_window(win_size, sigma, x.device)
+    kh = g.view(1, 1, win_size, 1).repeat(channels, 1, 1, 1)
+    kw = g.view(1, 1, 1, win_size).repeat(channels, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh, groups=channels), kw, groups=channels)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+    return (num / den).mean()
+
+
+@LOSS_TERMS.register("ssim")
+class SSIMLoss(LossTerm):
+    """1 - SSIM. The default 7-px window fits 28 px images (Fashion-MNIST)."""
+
+    defaults = {"win_size": 7, "sigma": 1.5}
+
+    def __init__(self, win_size: int = 7, sigma: float = 1.5):
+        super().__init__()
+        self.win_size, self.sigma = int(win_size), float(sigma)
+
+    @staticmethod
+    def min_size(params):
+        return int(params["win_size"])
+
+    @staticmethod
+    def check(params):
+        problems = {}
+        w = params["win_size"]
+        if not isinstance(w, int) or w < 3 or w % 2 == 0:
+            problems["win_size"] = f"must be an odd integer >= 3, got {w}"
+        if not params["sigma"] > 0:
+            problems["sigma"] = f"must be > 0, got {params['sigma']}"
+        return problems
+
+    def forward(self, pred, target):
+        return 1.0 - ssim(pred, target, self.win_size, self.sigma)
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+@LOSS_TERMS.register("gradient")
+class GradientLoss(LossTerm):
+    """L1 distance between horizontal and vertical finite differences: keeps edges sharp."""
+
+    @staticmethod
+    def min_size(params):
+        return 2
+
+    def forward(self, pred, target):
+        pdx, pdy = image_gradients(pred)
+        tdx, tdy = image_gradients(target)
+        return 0.5 * (F.l1_loss(pdx, tdx) + F.l1_loss(pdy, tdy))
+
+
+@LOSS_TERMS.register("tv")
+class TotalVariation(LossTerm):
+    """Anisotropic total variation of the reconstruction (a smoothness prior; ignores target)."""
+
+    @staticmethod
+    def min_size(params):
+        return 2
+
+    def forward(self, pred, target):
+        dx, dy = image_gradients(pred)
+        return dx.abs().mean() + dy.abs().mean()

@@ -1,0 +1,268 @@
+"""One run: compose -> validate -> data -> model -> fit -> evaluate -> log -> objective.
+`task(cfg)` is what the Hydra entry point calls; it turns failures into one-line errors
+(single run) or a FAILED MLflow run and a status file (sweep job), never a dead sweep."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from freqexp.errors import FreqexpError
+from freqexp.validate import Plan, make_plan
+
+log = logging.getLogger("freqexp")
+STATUS_FILE = "job_status.json"
+OBJECTIVE = "val/auroc"
+
+
+@dataclass
+class RunResult:
+    metrics: Dict[str, float]
+    run_id: Optional[str]
+    output_dir: Path
+    tracking_uri: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+
+
+def build_trainer(cfg, plan: Plan, callbacks: list):
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+
+    t = cfg.trainer
+    if t.early_stopping.enabled:
+        callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta))
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(leave=False))
+    return L.Trainer(
+        accelerator=plan.hardware.accelerator,
+        devices=1,
+        precision=plan.hardware.precision,
+        max_epochs=t.max_epochs,
+        check_val_every_n_epoch=t.val_every_n_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bool(t.progress_bar),
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+
+
+def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Optional[Dict[str, str]] = None) -> RunResult:
+    """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
+    exists; once the run is open, any exception ends it FAILED with the error recorded."""
+    plan = make_plan(cfg)  # 1. every value checked, components built
+
+    import lightning.pytorch as L
+    import torch
+
+    from freqexp.data import IndexBatches, build_dataset
+    from freqexp.tracking import Tracker, flatten
+
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
+    if len(data.train) == 0:
+        raise FreqexpError("dataset: the training split is empty")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_tags = {"git_commit": git_commit(), "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
+                "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
+    run_id = tracker.start(run_name, run_tags)
+    try:
+        params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
+                       "model.n_params": sum(p.numel() for p in plan.model.parameters())})
+        params.update({f"data.{k}": v for k, v in data.counts().items()})
+        if "root" in data.info:
+            params["data.root"] = data.info["root"]
+        tracker.log_params(params)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+        device = plan.hardware.device
+        data = data.to(device)  # 3. the whole dataset lives on the training device
+        from freqexp.training import BestWeights, EpochMetricsLogger, ReconstructionModule, TrainTimer
+
+        module = ReconstructionModule(
+            plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
+            optim=OmegaConf.to_container(cfg.optim), score=OmegaConf.to_container(cfg.score),
+            max_epochs=cfg.trainer.max_epochs, nan_guard=cfg.trainer.nan_guard,
+        )
+        timer = TrainTimer()
+        callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
+        best = BestWeights() if cfg.trainer.restore_best else None
+        if best:
+            callbacks.append(best)
+        trainer = build_trainer(cfg, plan, callbacks)
+        train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+        val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fit_t0 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)  # 6. fit
+        fit_seconds = time.perf_counter() - fit_t0
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training was interrupted")
+        module.to(device)
+
+        from freqexp.evaluate import evaluate
+
+        metrics, scored = evaluate(module, data, cfg.trainer.eval_batch_size)  # 7. evaluate
+        metrics["train/throughput"] = module.images_seen / max(timer.seconds, 1e-9)
+        metrics["train/seconds"] = fit_seconds
+        metrics["train/epochs"] = trainer.current_epoch
+        if best and best.best_epoch is not None:
+            metrics["val/best_epoch"] = best.best_epoch
+        tracker.log_metrics(metrics, step=trainer.current_epoch)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+        artifacts = [output_dir / "config.yaml", output_dir / "metrics.json"]
+        if cfg.tracking.log_images:
+            artifacts += write_figures(module, data, scored, metrics, output_dir)
+        tracker.log_artifacts(artifacts)
+        tracker.set_tags({"status": "finished"})
+        tracker.end("FINISHED")
+        return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes")})
+    except BaseException as e:  # the run must never be left RUNNING
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            err = output_dir / "error.txt"
+            err.write_text(traceback.format_exc())
+            tracker.set_tags({"status": status.lower(), "error": one_line(e), "error_type": type(e).__name__})
+            tracker.log_artifacts([err])
+        finally:
+            tracker.end(status)
+        raise
+
+
+def write_figures(module, data, scored, metrics, output_dir: Path) -> list[Path]:
+    import torch
+
+    from freqexp import plots
+    from freqexp.training import to_unit_float
+
+    test = scored["test"]
+    labels = data.test.labels.cpu()
+    pick = torch.cat([torch.nonzero(labels == 0).flatten()[:8], torch.nonzero(labels == 1).flatten()[:8]])
+    x = to_unit_float(data.test.images[pick.to(data.test.images.device)])
+    with torch.no_grad():
+        x_in, _ = module.model_io(x, train=False)
+        recon = module.model.reconstruct(x_in)
+        maps = module.anomaly_map(x)
+    return [
+        plots.reconstruction_grid(x, recon, maps, labels[pick], test.scores[pick], output_dir / "reconstructions.png"),
+        plots.roc_plot(test.scores, test.labels, metrics["test/auroc"], output_dir / "roc.png"),
+        plots.pr_plot(test.scores, test.labels, metrics["test/ap"], output_dir / "pr.png"),
+        plots.score_histogram(test.scores, test.labels, metrics["val/threshold"], output_dir / "score_hist.png"),
+    ]
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, FreqexpError) else f"{type(e).__name__}: {text}"
+
+
+def summary(cfg, result: RunResult) -> str:
+    m = result.metrics
+    normal = result.info.get("normal")
+    lines = [
+        f"freqexp: finished model={cfg.model.name} loss={cfg.loss.spec} filter={cfg.filter.name} dataset={cfg.dataset.name}"
+        + (f" (normal: {', '.join(normal)})" if normal else ""),
+        f"  val   AUROC {m['val/auroc']:.4f}   AP {m['val/ap']:.4f}   (the sweep objective is val/auroc)",
+        f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1 {m['test/f1']:.4f}   ACC {m['test/acc']:.4f}"
+        f"   balanced ACC {m['test/balanced_acc']:.4f}   (threshold chosen on val)",
+    ]
+    if "test/pixel_auroc" in m:
+        lines.append(f"  pixel AUROC {m['test/pixel_auroc']:.4f}")
+    anomalous_share = None
+    if cfg.dataset.name == "fashion_mnist":
+        anomalous_share = 1 - len(normal or [0]) / 10
+    if anomalous_share and anomalous_share > 0.7:
+        lines.append(f"  note: {anomalous_share:.0%} of test images are anomalous, so calling everything anomalous already "
+                     "scores high F1/ACC; compare AUROC/AP first")
+    lines += [
+        f"  speed train {m['train/throughput']:,.0f} img/s   test {m['test/throughput']:,.0f} img/s   "
+        f"peak memory {m['sys/peak_memory_mb']:,.0f} MiB   ({m['train/seconds']:.1f} s training)",
+        f"  run dir  {result.output_dir}",
+        f"  MLflow   {result.tracking_uri}   experiment '{cfg.tracking.experiment}'   run {result.run_id}",
+        f"  open UI  {ui(result.tracking_uri)}",
+    ]
+    return "\n".join(lines)
+
+
+def ui(uri: str) -> str:
+    from freqexp.tracking import ui_command
+
+    return ui_command(uri)
+
+
+def write_status(output_dir: Path, **fields) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / STATUS_FILE).write_text(json.dumps(fields, indent=2, default=str))
+
+
+def task(cfg: DictConfig) -> float:
+    """The Hydra task: returns val/auroc (the sweep objective); NaN for a failed sweep job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = Path(hc.runtime.output_dir)
+    overrides = hc.job.override_dirname or "default"
+    tags = {"overrides": " ".join(hc.overrides.task), "mode": "multirun" if multirun else "run"}
+    if multirun:
+        sweep_dir = Path(hc.sweep.dir)
+        tags.update({"sweep_id": f"{sweep_dir.parent.name}/{sweep_dir.name}", "sweep_dir": str(sweep_dir.resolve()), "job_num": str(hc.job.num)})
+    try:
+        result = execute(cfg, output_dir, run_name=overrides, tags=tags)
+    except FreqexpError as e:
+        message = one_line(e)
+        write_status(output_dir, status="failed", overrides=overrides, error=message)
+        if not multirun:
+            print(f"freqexp: error: {message}", file=sys.stderr)
+            sys.exit(2)
+        log.error("job %s (%s) failed: %s", hc.job.num, overrides, message)
+        return float("nan")
+    except Exception as e:
+        message = one_line(e)
+        write_status(output_dir, status="failed", overrides=overrides, error=message)
+        if not multirun:
+            print(f"freqexp: error: {message}\n  traceback: {output_dir / 'error.txt'}", file=sys.stderr)
+            sys.exit(1)
+        log.error("job %s (%s) failed: %s (traceback in %s)", hc.job.num, overrides, message, output_dir / "error.txt")
+        return float("nan")
+    value = result.metrics[OBJECTIVE]
+    write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
+    if multirun:
+        log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides, value, result.metrics["test/auroc"])
+    else:
+        print(summary(cfg, result))
+    return value

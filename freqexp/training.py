@@ -1,0 +1,207 @@
+"""How reconstruction models are trained: one LightningModule shared by every model whose
+training is "reconstruct the target under the configured loss", plus the callbacks the run
+protocol needs (per-epoch MLflow logging, throughput, best-weights restore)."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Dict, Optional
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from freqexp.errors import TrainingError
+from freqexp.metrics import average_precision, reduce_map, roc_auc
+from freqexp.models.base import ReconstructionModel
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class ReconstructionModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ReconstructionModel,
+        loss: nn.Module,
+        augment: nn.Module,
+        filter_module: nn.Module,
+        filter_placement: str,
+        optim: Dict[str, Any],
+        score: Dict[str, Any],
+        max_epochs: int,
+        nan_guard: bool = True,
+    ):
+        super().__init__()
+        self.model, self.loss, self.augment = model, loss, augment
+        self.filter, self.placement = filter_module, filter_placement
+        self.optim_cfg, self.score_cfg = dict(optim), dict(score)
+        self.max_epochs, self.nan_guard = max_epochs, nan_guard
+        self.images_seen = 0
+        self._val_scores: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    # -- data arrives as uint8 on the device; convert there, batched
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, (tuple, list)):
+            return (to_unit_float(batch[0]), *batch[1:])
+        return to_unit_float(batch)
+
+    def model_io(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, target) for a clean batch, per augment and filter placement."""
+        x_in, target = self.augment(x) if train else (x, x)
+        if self.placement in ("input", "both"):
+            x_in = self.filter(x_in)
+        if self.placement == "both":
+            target = self.filter(target)
+        return x_in, target
+
+    def training_step(self, x: torch.Tensor, batch_idx: int):
+        x_in, target = self.model_io(x, train=True)
+        out = self.model(x_in)
+        total, parts = self.loss(out["recon"], target)
+        extra = self.model.extra_losses(out)
+        if extra:
+            total = total + sum(extra.values())
+            parts = {**parts, **extra}
+        if self.nan_guard and not torch.isfinite(total):
+            raise TrainingError(
+                f"loss became {float(total)} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(terms: {', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
+                f"lower optim.lr or change loss/model, or set trainer.nan_guard=false"
+            )
+        self.images_seen += x.shape[0]
+        bs = x.shape[0]
+        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        for name, value in parts.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+        return total
+
+    @torch.no_grad()
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        x_in, target = self.model_io(x, train=False)
+        residual_map = self.model.anomaly_map(x_in, target)
+        if self.placement == "score":
+            recon = self.model.reconstruct(x_in).float()
+            residual_map = self.filter(recon - target.float()).pow(2).mean(1, keepdim=True)
+        return residual_map
+
+    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        return reduce_map(maps, self.score_cfg.get("reduction", "mean"), self.score_cfg.get("topk", 0.05))
+
+    def validation_step(self, batch, batch_idx: int):
+        x, y = batch
+        self._val_scores.append(self.image_scores(self.anomaly_map(x)))
+        self._val_labels.append(y)
+
+    def on_validation_epoch_end(self):
+        scores, labels = torch.cat(self._val_scores), torch.cat(self._val_labels)
+        self._val_scores.clear()
+        self._val_labels.clear()
+        if not torch.isfinite(scores).all():
+            auroc = ap = float("nan")
+        else:
+            auroc, ap = roc_auc(scores, labels), average_precision(scores, labels)
+        self.log("val/auroc", auroc, prog_bar=True)
+        self.log("val/ap", ap)
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = self.model.parameters()
+        if o["name"] == "adamw":
+            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        elif o["name"] == "adam":
+            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        else:
+            opt = torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
+        if o.get("scheduler", "cosine") == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs), eta_min=o["lr"] * o.get("min_lr_ratio", 0.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "none")
+
+
+class EpochMetricsLogger(L.Callback):
+    """Sends each epoch's train/* and val/* values (and the learning rate) to `log_fn(metrics, step)`."""
+
+    def __init__(self, log_fn: Callable[[Dict[str, float], int], None]):
+        self.log_fn = log_fn
+
+    def _send(self, trainer, prefix: str):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        if prefix == "train/" and trainer.optimizers:
+            metrics["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        if metrics:
+            self.log_fn(metrics, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._send(trainer, "train/")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._send(trainer, "val/")
+
+
+class TrainTimer(L.Callback):
+    """Wall time spent in training batches only (validation excluded), for train/throughput."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._t0: Optional[float] = None
+
+    @staticmethod
+    def _sync(pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def _start(self, pl_module):
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, pl_module):
+        if self._t0 is not None:
+            self._sync(pl_module)
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start(pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._stop(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.training:
+            self._start(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._stop(pl_module)
+
+
+class BestWeights(L.Callback):
+    """Keeps an in-memory copy of the weights at the best val/auroc and restores them when
+    fitting ends, so evaluation uses the model selected on validation (never on test)."""
+
+    def __init__(self, monitor: str = "val/auroc"):
+        self.monitor = monitor
+        self.best = -math.inf
+        self.best_epoch: Optional[int] = None
+        self.state: Optional[Dict[str, torch.Tensor]] = None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not math.isfinite(float(value)):
+            return
+        if float(value) > self.best:
+            self.best, self.best_epoch = float(value), trainer.current_epoch
+            self.state = copy.deepcopy(pl_module.model.state_dict())
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.state is not None:
+            pl_module.model.load_state_dict(self.state)

@@ -1,0 +1,110 @@
+"""Step 1 of a run: check every value and build every cheap object, so a bad config fails
+with one line naming the key before data is read, a model trained or an MLflow run opened."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from freqexp.augment import build_augment
+from freqexp.data import DATASETS, dataset_shape
+from freqexp.errors import ConfigError
+from freqexp.freq import build_filter
+from freqexp.losses import CompositeLoss, build_loss
+from freqexp.metrics import REDUCTIONS
+from freqexp.models import ReconstructionModel, build_model
+from freqexp.training import OPTIMIZERS, SCHEDULERS
+
+PRECISIONS = {
+    "cpu": ("32-true", "bf16-mixed", "bf16-true", "64-true"),
+    "gpu": ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true", "64-true"),
+}
+
+
+@dataclass
+class Hardware:
+    accelerator: str  # cpu | gpu
+    precision: str
+    device: torch.device
+
+
+@dataclass
+class Plan:
+    shape: tuple[int, int, int]
+    model: ReconstructionModel
+    loss: CompositeLoss
+    augment: nn.Module
+    filter: nn.Module
+    placement: str
+    hardware: Hardware
+
+
+def _int(key: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(key, f"must be an integer >= {low}; got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(key, f"must be a number {rng}; got {value!r}")
+    return float(value)
+
+
+def _choice(key: str, value: Any, allowed) -> str:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def resolve_hardware(hw) -> Hardware:
+    accelerator = _choice("hardware.accelerator", hw.accelerator, ("auto", "cpu", "gpu", "cuda"))
+    has_cuda = torch.cuda.is_available()
+    if accelerator == "auto":
+        accelerator = "gpu" if has_cuda else "cpu"
+    if accelerator == "cuda":
+        accelerator = "gpu"
+    if accelerator == "gpu" and not has_cuda:
+        raise ConfigError("hardware.accelerator", "gpu was asked for but no CUDA device is visible; use hardware=auto or hardware=cpu")
+    precision = str(hw.precision)
+    if precision == "auto":
+        precision = "16-mixed" if accelerator == "gpu" else "32-true"
+    if accelerator == "cpu" and precision == "16-mixed":
+        raise ConfigError("hardware.precision", "16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
+    _choice("hardware.precision", precision, PRECISIONS[accelerator])
+    if _int("hardware.devices", hw.get("devices", 1), 1) != 1:
+        raise ConfigError("hardware.devices", "one device per run; run several jobs to use several GPUs")
+    return Hardware(accelerator, precision, torch.device("cuda" if accelerator == "gpu" else "cpu"))
+
+
+def make_plan(cfg) -> Plan:
+    _int("seed", cfg.seed, 0)
+    t = cfg.trainer
+    _int("trainer.max_epochs", t.max_epochs, 1)
+    _int("trainer.batch_size", t.batch_size, 1)
+    _int("trainer.eval_batch_size", t.eval_batch_size, 1)
+    _int("trainer.val_every_n_epochs", t.val_every_n_epochs, 1)
+    _int("trainer.early_stopping.patience", t.early_stopping.patience, 0)
+    _number("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0)
+    o = cfg.optim
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _number("optim.lr", o.lr, 0.0, low_open=True)
+    _number("optim.weight_decay", o.weight_decay, 0.0)
+    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    _number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    _choice("score.reduction", cfg.score.reduction, REDUCTIONS)
+    _number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
+
+    DATASETS.get(cfg.dataset.name).check(cfg.dataset)
+    shape = dataset_shape(cfg.dataset)
+    hardware = resolve_hardware(cfg.hardware)
+    loss = build_loss(cfg.loss, image_size=shape[1:])
+    model = build_model(cfg.model, shape)
+    augment = build_augment(cfg.augment)
+    filter_module, placement = build_filter(cfg.filter)
+    return Plan(shape, model, loss, augment, filter_module, placement, hardware)
