@@ -1,0 +1,49 @@
+# freqexp: `make run` and `make test` do all set-up themselves (virtualenv, pinned packages, data).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+STORE  ?= sqlite:///outputs/mlflow.db
+PORT   ?= 5000
+ARGS   ?=
+SWEEP  ?= model=ae,cae,cvae loss=mse,mse+ssim
+PYTEST_ARGS ?=
+
+.PHONY: help install data run test sweep ui bench clean
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@echo "  variables: ARGS='model=cvae loss=mse+ssim' (run), SWEEP='...' (sweep), PYTEST_ARGS, PORT (ui)"
+
+# torch is pinned in the same pip command as everything else: alone, a resolver would pull
+# the multi-GB CUDA build. constraints.txt pins every transitive package.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) data  ## create .venv with pinned dependencies and fetch Fashion-MNIST
+
+data:  ## make sure Fashion-MNIST is installed (apt package dataset-fashion-mnist)
+	@bash scripts/ensure-data.sh
+
+run: install  ## run the default experiment (FMNIST class 0, CAE, mse+ssim); ARGS=... to override
+	$(PY) -m freqexp $(ARGS)
+
+test: install  ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+sweep: install  ## grid sweep over models x losses (SWEEP='model=... loss=...')
+	$(PY) -m freqexp --multirun $(SWEEP) $(ARGS)
+
+bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
+	$(PY) benchmarks/throughput.py
+
+ui: install  ## MLflow UI on http://127.0.0.1:$(PORT) over the default store
+	$(VENV)/bin/mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT) --workers 1
+
+clean:  ## remove run outputs, caches and the virtualenv
+	rm -rf outputs/runs outputs/multiruns outputs/mlflow.db outputs/artifacts .pytest_cache build *.egg-info $(VENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
