@@ -61,18 +61,31 @@ class LossSpecSource(ConfigSource):
         return True
 
     def is_group(self, config_path: str) -> bool:
-        return config_path.strip("/") == GROUP
+        return config_path.strip("/") in ("", GROUP)  # "" is the root, which holds the group
 
     def is_config(self, config_path: str) -> bool:
         return self._option(config_path) is not None
 
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
-        if config_path.strip("/") != GROUP or results_filter == ObjectType.GROUP:
+        path = config_path.strip("/")
+        if path == "":  # the root lists the group itself
+            return [GROUP] if results_filter in (None, ObjectType.GROUP) else []
+        if path != GROUP or results_filter == ObjectType.GROUP:
             return []
         from freqexp.losses.terms import LOSS_TERMS
 
         return LOSS_TERMS.names() + ["mse+ssim"]
 
 
+def known_terms() -> str:
+    from freqexp.losses.terms import LOSS_TERMS
+
+    return ", ".join(LOSS_TERMS.names())
+
+
 def register() -> None:
     Plugins.instance().register(LossSpecSource)
+    # `--help` lists groups without the primary config's search path, so the help text
+    # names the loss terms through this resolver instead.
+    if not OmegaConf.has_resolver("freqexp_loss_terms"):
+        OmegaConf.register_new_resolver("freqexp_loss_terms", known_terms)

@@ -80,14 +80,12 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     exists; once the run is open, any exception ends it FAILED with the error recorded."""
     plan = make_plan(cfg)  # 1. every value checked, components built
 
-    import lightning.pytorch as L
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
     from freqexp.tracking import Tracker, flatten
 
     quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")

@@ -66,10 +66,10 @@ class ReconstructionModule(L.LightningModule):
         if extra:
             total = total + sum(extra.values())
             parts = {**parts, **extra}
-        if self.nan_guard and not torch.isfinite(total):
+        if self.nan_guard and not torch.isfinite(total.detach()):
             raise TrainingError(
-                f"loss became {float(total)} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(terms: {', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())}); "
+                f"loss became {float(total.detach())} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(terms: {', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())}); "
                 f"lower optim.lr or change loss/model, or set trainer.nan_guard=false"
             )
         self.images_seen += x.shape[0]
@@ -143,7 +143,9 @@ class EpochMetricsLogger(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         self._send(trainer, "train/")
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before
+    # the module's, so val/* of this epoch is only in callback_metrics by now.
+    def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self._send(trainer, "val/")
 
@@ -194,7 +196,7 @@ class BestWeights(L.Callback):
         self.best_epoch: Optional[int] = None
         self.state: Optional[Dict[str, torch.Tensor]] = None
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # see EpochMetricsLogger
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None or not math.isfinite(float(value)):
             return

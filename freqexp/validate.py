@@ -83,7 +83,10 @@ def resolve_hardware(hw) -> Hardware:
 
 
 def make_plan(cfg) -> Plan:
-    _int("seed", cfg.seed, 0)
+    import lightning.pytorch as L
+
+    # Seed before anything random is built (model weights), so a run repeats exactly.
+    L.seed_everything(_int("seed", cfg.seed, 0), workers=True, verbose=False)
     t = cfg.trainer
     _int("trainer.max_epochs", t.max_epochs, 1)
     _int("trainer.batch_size", t.batch_size, 1)

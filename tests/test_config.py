@@ -1,0 +1,158 @@
+"""Every group option composes and validates; --help shows the groups; bad values fail in
+one line naming the key, before any MLflow run exists."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from freqexp.errors import ConfigError
+from freqexp.losses.terms import LOSS_TERMS
+from freqexp.validate import make_plan, resolve_hardware
+from tests.conftest import REPO, cli, compose_cfg, read_runs
+
+GROUPS = ["model", "filter", "augment", "dataset", "hardware", "trainer", "tracking"]
+
+
+def options(group):
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"] + (["dataset=synthetic"] if group != "dataset" else [])
+    cfg = compose_cfg(overrides)
+    assert cfg[group] is not None
+    if group == "hardware" and option == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            make_plan(cfg)
+        return
+    plan = make_plan(cfg)
+    x = torch.rand(2, *plan.shape)
+    out = plan.model(plan.filter(x))
+    assert out["recon"].shape == x.shape
+
+
+def test_default_config_is_the_card():
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.loss.spec, cfg.filter.name, cfg.augment.name, cfg.dataset.name) == (
+        "cae", "mse+ssim", "none", "none", "fashion_mnist")
+    assert cfg.dataset.normal_class == 0
+    assert cfg.tracking.uri == "sqlite:///outputs/mlflow.db"
+
+
+@pytest.mark.parametrize("spec", ["mse", "ssim+mse", "tv+gradient+charbonnier+l1", "mse+l1+charbonnier+ssim+gradient+tv"])
+def test_any_loss_combination_composes_with_weights_and_params(spec):
+    cfg = compose_cfg(["dataset=synthetic", f"loss={spec}"])
+    terms = spec.split("+")
+    assert cfg.loss.spec == spec
+    assert sorted(cfg.loss.weights) == sorted(terms)
+    plan = make_plan(cfg)
+    assert list(plan.loss.terms) == terms
+
+
+def test_loss_weights_and_params_override_from_command_line():
+    cfg = compose_cfg(["dataset=synthetic", "loss=mse+ssim", "loss.weights.ssim=0.25", "loss.params.ssim.win_size=5"])
+    plan = make_plan(cfg)
+    assert plan.loss.weights == {"mse": 1.0, "ssim": 0.25}
+    assert plan.loss.terms["ssim"].win_size == 5
+
+
+def test_unknown_loss_term_composes_but_fails_validation_listing_known_terms():
+    cfg = compose_cfg(["loss=mse+foo"])  # a sweep must be able to compose it
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg)
+    assert e.value.key == "loss"
+    for name in LOSS_TERMS.names():
+        assert name in str(e.value)
+
+
+def test_hardware_auto_resolves_to_cpu_fp32_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = resolve_hardware(compose_cfg(["hardware=auto"]).hardware)
+    assert (hw.accelerator, hw.precision, hw.device.type) == ("cpu", "32-true", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hw = resolve_hardware(compose_cfg(["hardware=auto"]).hardware)
+    assert (hw.accelerator, hw.precision) == ("gpu", "16-mixed")
+
+
+def test_cpu_rejects_fp16_mixed():
+    with pytest.raises(ConfigError, match="16-mixed needs a GPU") as e:
+        resolve_hardware(compose_cfg(["hardware=cpu", "hardware.precision=16-mixed"]).hardware)
+    assert e.value.key == "hardware.precision"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.name=lbfgs", "optim.name"),
+        ("optim.scheduler=step", "optim.scheduler"),
+        ("score.reduction=median", "score.reduction"),
+        ("score.topk=1.5", "score.topk"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("model.latent_dim=0", "model.latent_dim"),
+        ("filter.apply_to=output", "filter.apply_to"),
+        ("augment=noise", None),
+        ("dataset.n_train=0", "dataset.n_train"),
+        ("loss.weights.mse=-1", "loss.weights.mse"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(override, key):
+    cfg = compose_cfg(["dataset=synthetic", override])
+    if key is None:  # control: a valid override
+        make_plan(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg)
+    assert e.value.key == key
+
+
+def test_help_lists_groups_and_their_options(tmp_path):
+    r = cli(["--help"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for group in GROUPS + ["loss"]:
+        assert f"{group}:" in out
+    for option in ["ae, cae, cvae", "fashion_mnist, synthetic", "auto, cpu, gpu", "noise, none"]:
+        assert option in out
+    for term in LOSS_TERMS.names():
+        assert term in out
+    assert "--multirun" in out
+
+
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["dataset.normal_class=12"], "dataset.normal_class"),
+        (["trainer.max_epochs=-1"], "trainer.max_epochs"),
+        (["loss=mse+foo"], "loss"),
+        (["dataset=synthetic", "dataset.image_size=6", "loss=mse+ssim"], "loss"),
+        (["hardware=cpu", "hardware.precision=16-mixed"], "hardware.precision"),
+        (["tracking.uri=./mlruns"], "tracking.uri"),
+    ],
+)
+def test_cli_bad_input_is_one_line_no_traceback_no_run(tmp_path, args, key):
+    db = tmp_path / "bad.db"
+    r = cli(args + [f"tracking.uri=sqlite:///{db}"] if "tracking.uri" not in key else args, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"freqexp: error: {key}:"), r.stderr
+    if key == "dataset.normal_class":
+        assert "0-9" in err[0]
+    if key == "loss" and "foo" in args[0]:
+        assert "known terms: charbonnier, gradient, l1, mse, ssim, tv" in err[0]
+    if key == "loss" and "ssim" in args[-1]:
+        assert "7x7" in err[0] and "6x6" in err[0]
+    # nothing was opened: no store at all, or one without runs
+    assert not db.exists() or len(read_runs(f"sqlite:///{db}")) == 0
+    assert not list(Path(tmp_path).glob("outputs/**/metrics.json"))
+
+
+def test_unknown_group_option_lists_the_available_ones(tmp_path):
+    r = cli(["model=nosuchmodel"], cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "Could not find 'model/nosuchmodel'" in r.stderr
+    assert "cae" in r.stderr and "cvae" in r.stderr

@@ -1,0 +1,173 @@
+"""End-to-end runs: in-process on synthetic and real FMNIST, read back from MLflow; a sweep in
+which one job fails; the CLI from another directory and as a console script."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from freqexp.errors import TrainingError
+from freqexp.run import execute
+from tests.conftest import FAST, REPO, cli, compose_cfg, needs_fmnist, read_runs
+
+METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/acc", "test/balanced_acc",
+           "train/throughput", "test/throughput", "sys/peak_memory_mb"]
+ARTIFACTS = {"config.yaml", "metrics.json", "reconstructions.png", "roc.png", "pr.png", "score_hist.png"}
+
+
+def run_synthetic(tmp_path, store, *overrides, name="run"):
+    cfg = compose_cfg(["dataset=synthetic", *FAST, f"tracking.uri={store}", *overrides])
+    return execute(cfg, tmp_path / name, run_name=name, tags={"purpose": "test"})
+
+
+def test_synthetic_run_is_logged_to_mlflow_completely(tmp_path, store):
+    result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "loss=mse+ssim+gradient")
+    client = MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # params: the flattened composed config
+    p = run.data.params
+    assert p["model.name"] == "cae" and p["loss.spec"] == "mse+ssim+gradient" and p["loss.weights.gradient"] == "1.0"
+    assert p["dataset.name"] == "synthetic" and p["trainer.max_epochs"] == "2" and int(p["model.n_params"]) > 0
+    # final metrics, identical to metrics.json
+    saved = json.loads((result.output_dir / "metrics.json").read_text())
+    for key in METRICS + ["test/pixel_auroc"]:
+        assert key in run.data.metrics, key
+        assert math.isclose(run.data.metrics[key], saved[key], rel_tol=1e-9)
+    for key in ("val/auroc", "test/auroc", "test/ap", "test/pixel_auroc", "test/f1", "test/acc"):
+        assert 0.0 <= saved[key] <= 1.0
+    # per-epoch history: total and per-term train loss, val metrics, one point per epoch
+    for key in ("train/loss", "train/loss_mse", "train/loss_ssim", "train/loss_gradient", "val/auroc"):
+        steps = sorted(m.step for m in client.get_metric_history(result.run_id, key))
+        assert steps[:2] == [0, 1], (key, steps)
+    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
+    assert losses[1] < losses[0]  # it learns
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert ARTIFACTS <= artifacts
+    assert run.data.tags["purpose"] == "test" and run.data.tags["model"] == "cae"
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path, store):
+    a = run_synthetic(tmp_path, store, "seed=3", name="a").metrics
+    b = run_synthetic(tmp_path, store, "seed=3", name="b").metrics
+    c = run_synthetic(tmp_path, store, "seed=4", name="c").metrics
+    assert a["val/auroc"] == b["val/auroc"] and a["test/auroc"] == b["test/auroc"]
+    assert (a["val/auroc"], a["test/auroc"]) != (c["val/auroc"], c["test/auroc"])
+
+
+@pytest.mark.parametrize("model", ["ae", "cvae"])
+def test_other_models_and_noise_augment_train(tmp_path, store, model):
+    result = run_synthetic(tmp_path, store, f"model={model}", "augment=noise", "trainer.max_epochs=2")
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    if model == "cvae":  # the model's own KL term is logged beside the configured terms
+        assert "train/loss_kl" in run.data.metrics
+
+
+def test_nan_loss_ends_the_run_failed_with_the_error(tmp_path, store):
+    with pytest.raises(TrainingError, match="loss became nan"):
+        run_synthetic(tmp_path, store, "model.name=tests.nan_model:NaNCAE")
+    runs = read_runs(store)
+    assert list(runs["status"]) == ["FAILED"]
+    assert "loss became nan" in runs["tags.error"].iloc[0]
+
+
+@needs_fmnist
+def test_real_fmnist_subset_run(tmp_path, store):
+    cfg = compose_cfg([*FAST, f"tracking.uri={store}", "dataset.limit_train=1000", "dataset.limit_test=1000",
+                       "dataset.normal_class=1", "trainer.batch_size=64", "trainer.max_epochs=2"])
+    result = execute(cfg, tmp_path / "fm")
+    m = result.metrics
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.data.params["data.train_normal"] == "1000"
+    assert run.data.params["data.test_normal"] == "100" and run.data.params["data.test_anomalous"] == "900"
+    assert run.data.params["data.val_normal"] == "600" and run.data.params["data.val_anomalous"] == "600"
+    # trousers (class 1) are easy to tell apart even after two short epochs (0.98 seen)
+    assert m["test/auroc"] > 0.85 and m["val/auroc"] > 0.85
+    assert "test/pixel_auroc" not in m  # FMNIST has no pixel masks
+
+
+def test_multirun_isolates_a_failing_job(tmp_path):
+    """3 jobs, the middle one raises (NaN loss): the others finish, the failed one is FAILED
+    with its error, all share a sweep id and are named by their overrides."""
+    db = tmp_path / "sweep.db"
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "model.name=cae,tests.nan_model:NaNCAE,cvae", f"tracking.uri=sqlite:///{db}"], cwd=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = read_runs(f"sqlite:///{db}")
+    by_name = {row["tags.mlflow.runName"]: row for _, row in runs.iterrows()}
+    assert len(by_name) == 3
+    statuses = {name: row["status"] for name, row in by_name.items()}
+    failed = [n for n, s in statuses.items() if s == "FAILED"]
+    assert sorted(statuses.values()) == ["FAILED", "FINISHED", "FINISHED"]
+    assert len(failed) == 1 and "NaNCAE" in failed[0]
+    assert "loss became nan" in by_name[failed[0]]["tags.error"]
+    assert all("dataset=synthetic" in n for n in by_name)
+    assert runs["tags.sweep_id"].nunique() == 1 and runs["experiment_id"].nunique() == 1
+    out = r.stdout + r.stderr
+    assert "2 finished, 1 failed" in out and "FAILED  dataset=synthetic,model.name=tests.nan_model" in out
+    summary = json.loads(next(tmp_path.glob("outputs/multiruns/*/*/sweep_summary.json")).read_text())
+    assert sorted(j["status"] for j in summary) == ["failed", "finished", "finished"]
+
+
+def test_sweep_with_an_invalid_job_runs_the_rest(tmp_path):
+    db = tmp_path / "s.db"
+    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "loss=mse,mse+nosuchterm", f"tracking.uri=sqlite:///{db}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = read_runs(f"sqlite:///{db}")
+    assert list(runs["status"]) == ["FINISHED"]  # the invalid job never opened a run
+    assert "FAILED  dataset=synthetic,loss=mse+nosuchterm" in r.stdout
+    assert "unknown loss term 'nosuchterm'" in r.stdout
+
+
+def test_a_sweep_where_every_job_fails_exits_nonzero(tmp_path):
+    r = cli(["--multirun", "dataset=synthetic", "loss=foo,bar", f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=300)
+    assert r.returncode == 1
+    assert "0 finished, 2 failed" in r.stdout
+
+
+def test_cli_from_another_directory_and_console_script(tmp_path):
+    """`python -m freqexp` and `freqexp` work outside the repo; outputs land where they run."""
+    r = cli(["dataset=synthetic", *FAST], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test  AUROC" in r.stdout and "open UI  mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    assert (tmp_path / "outputs" / "mlflow.db").exists()
+    assert len(list(tmp_path.glob("outputs/runs/*/*/metrics.json"))) == 1
+    script = shutil.which("freqexp") or os.path.join(os.path.dirname(os.sys.executable), "freqexp")
+    import subprocess
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    r2 = subprocess.run([script, "--cfg", "job", "model=cvae", "loss=mse+ssim"], cwd=other, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    assert "name: cvae" in r2.stdout and "spec: mse+ssim" in r2.stdout
+
+
+@pytest.mark.slow
+def test_wheel_install_finds_packaged_config(tmp_path):
+    """A non-editable install (a wheel) carries conf/ inside the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("freqexp-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ["freqexp/conf/config.yaml", "freqexp/conf/model/cae.yaml", "freqexp/conf/hydra/help/freqexp.yaml"]:
+        assert f in names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", "import freqexp; print(freqexp.__file__)"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert str(site) in r.stdout
+    r = subprocess.run([sys.executable, "-m", "freqexp", "--cfg", "job", "loss=l1+tv"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "spec: l1+tv" in r.stdout, r.stderr
