@@ -308,11 +308,6 @@ def test_limit_test_stratified(load, raw):
 
 
 @needs_fmnist
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: stratified_subset rounds each class's share separately, so limit_test=155 "
-    "keeps 16 per class = 160 images, more than the documented cap",
-)
 def test_limit_test_is_a_cap_when_not_divisible(load):
     d = load(limit_test=155)
     assert len(d.test) <= 155
@@ -429,11 +424,6 @@ def test_corrupt_copy_is_reported(isolated, decompressed, how):
 
 
 @needs_fmnist
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: a damaged .gz fails inside read_bytes, which reports 'cannot read ...' (no 'corrupt', "
-    "no reinstall hint); flipped deflate bytes raise a bare zlib.error, not DataError at all",
-)
 @pytest.mark.parametrize("how", ["gz-labels-flip", "gz-labels-truncate"])
 def test_corrupt_gz_copy_is_reported(isolated, decompressed, how):
     d = corrupt_copy(isolated, decompressed, how)
@@ -533,16 +523,8 @@ def test_synthetic_masks(syn):
         assert split.masks.flatten(1).float().mean(1).max() < 0.5
 
 
-SMALL_SIZE_BUG = pytest.mark.xfail(
-    strict=False,
-    reason="BUG: Synthetic.check accepts image_size >= 4, but below 8 px the blob defect's radius "
-    "(0.08-0.16 * size) can be smaller than the pixel spacing, so some anomalous images get an empty "
-    "mask and no changed pixel while still labelled anomalous",
-)
-
-
 @pytest.mark.parametrize(
-    "size", [pytest.param(4, marks=SMALL_SIZE_BUG), pytest.param(6, marks=SMALL_SIZE_BUG), 8, 16]
+    "size", [4, 6, 8, 16]
 )
 def test_synthetic_every_accepted_size_gives_real_defects(size):
     cfg0 = syn_cfg(image_size=size, n_train=1, n_val=16, n_test=16)

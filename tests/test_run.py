@@ -150,7 +150,6 @@ def test_cli_from_another_directory_and_console_script(tmp_path):
     assert "name: cvae" in r2.stdout and "spec: mse+ssim" in r2.stdout
 
 
-@pytest.mark.slow
 def test_wheel_install_finds_packaged_config(tmp_path):
     """A non-editable install (a wheel) carries conf/ inside the package."""
     import subprocess

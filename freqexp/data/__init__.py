@@ -1,0 +1,14 @@
+"""Datasets under the one-class protocol. Importing this package registers every dataset."""
+from freqexp.data.base import DATASETS, IndexBatches, OneClassData, Split
+from freqexp.data import fashion_mnist, synthetic  # noqa: F401  (registration)
+
+__all__ = ["DATASETS", "IndexBatches", "OneClassData", "Split", "build_dataset", "dataset_shape"]
+
+
+def dataset_shape(cfg) -> tuple[int, int, int]:
+    """(C, H, W) of the images a dataset config yields, known without loading any file."""
+    return DATASETS.get(cfg.name).shape(cfg)
+
+
+def build_dataset(cfg) -> OneClassData:
+    return DATASETS.get(cfg.name).load(cfg)
