@@ -3,6 +3,7 @@
 (single run) or a FAILED MLflow run and a status file (sweep job), never a dead sweep."""
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -91,7 +92,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         raise FreqexpError("dataset: the training split is empty")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_tags = {"git_commit": git_commit(), "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
+    run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(), "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
     run_id = tracker.start(run_name, run_tags)
     try:
