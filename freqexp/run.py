@@ -84,10 +84,14 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
+    from freqexp.data.pseudo import with_expanded_train, with_pseudo_val
     from freqexp.tracking import Tracker, flatten
 
     quiet_lightning()
     data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
+    data = with_expanded_train(data, plan.augment)
+    if cfg.dataset.get("val_anomalies") == "pseudo":
+        data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)

@@ -1,46 +1,8 @@
-"""Training-time augmentations, batched on the training device. An augment maps a clean
-batch x to (model input, loss target)."""
-from __future__ import annotations
+"""Training-time augmentations, batched on the training device. An augment maps a clean batch
+x to (model input, loss target). The CutPaste family also `synthesize`s pseudo-anomalies with
+pixel masks (for dataset.val_anomalies=pseudo and for models that learn to repair them), and
+flip_rot `expand`s the training set xN once before training."""
+from freqexp.augment.base import AUGMENTS, build_augment
+from freqexp.augment import cutpaste, geometric  # noqa: F401  (registration)
 
-import torch
-from torch import nn
-
-from freqexp.errors import ConfigError
-from freqexp.registry import Registry
-
-AUGMENTS: Registry[type[nn.Module]] = Registry("augment", "augment")
-
-
-@AUGMENTS.register("none")
-class NoAugment(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x
-
-
-@AUGMENTS.register("noise")
-class GaussianNoise(nn.Module):
-    """Adds N(0, std^2) noise to a fraction p of the batch; the target stays clean (denoising)."""
-
-    def __init__(self, std: float = 0.1, p: float = 1.0):
-        super().__init__()
-        if not isinstance(std, (int, float)) or not std > 0:
-            raise ConfigError("augment.std", f"must be > 0; got {std!r}")
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ConfigError("augment.p", f"must be in (0, 1]; got {p!r}")
-        self.std, self.p = float(std), float(p)
-
-    def forward(self, x):
-        noise = torch.randn_like(x) * self.std
-        if self.p < 1:
-            keep = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.p).to(x.dtype)
-            noise = noise * keep
-        return (x + noise).clamp(0, 1), x
-
-
-def build_augment(cfg) -> nn.Module:
-    cls = AUGMENTS.get(cfg.name)
-    kwargs = {k: v for k, v in cfg.items() if k != "name"}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError("augment", f"bad options for augment={cfg.name}: {e}") from None
+__all__ = ["AUGMENTS", "build_augment"]

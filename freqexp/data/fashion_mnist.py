@@ -104,6 +104,8 @@ class FashionMNIST:
         normal_classes(cfg)
         if not 0 < cfg.val_fraction < 1:
             raise ConfigError("dataset.val_fraction", f"must be in (0, 1); got {cfg.val_fraction}")
+        if cfg.get("val_anomalies", "classes") not in ("classes", "pseudo"):
+            raise ConfigError("dataset.val_anomalies", f"must be classes (other classes of the train split) or pseudo (CutPaste-family images of held-out normals); got {cfg.val_anomalies!r}")
         if not cfg.val_anomaly_ratio > 0:
             raise ConfigError("dataset.val_anomaly_ratio", f"must be > 0; got {cfg.val_anomaly_ratio}")
         for key, low in (("limit_train", 1), ("limit_test", 10)):

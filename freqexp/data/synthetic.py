@@ -77,6 +77,8 @@ class Synthetic:
             v = cfg[key]
             if not isinstance(v, int) or v < low:
                 raise ConfigError(f"dataset.{key}", f"must be an integer >= {low}; got {v}")
+        if cfg.get("val_anomalies", "defects") not in ("defects", "pseudo"):
+            raise ConfigError("dataset.val_anomalies", f"must be defects (the generated ones) or pseudo (CutPaste-family images of held-out normals); got {cfg.val_anomalies!r}")
         v = cfg.get("limit_train")
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ConfigError("dataset.limit_train", f"must be null or an integer >= 1; got {v}")

@@ -23,7 +23,7 @@ def wavelet_filters(name: str) -> Dict[str, torch.Tensor]:
     try:
         w = pywt.Wavelet(name)
     except ValueError:
-        families = ", ".join(pywt.families())
+        families = ", ".join(f for f in pywt.families() if pywt.wavelist(f, kind="discrete"))
         raise ConfigError("filter.wavelet", f"unknown wavelet {name!r}; use a pywavelets discrete wavelet name (haar, db2, bior2.2, sym4, ...; families: {families})") from None
     return {k: torch.tensor(getattr(w, k), dtype=torch.float32) for k in ("dec_lo", "dec_hi", "rec_lo", "rec_hi")}
 
