@@ -15,7 +15,7 @@ from pytorch_msssim import ssim as reference_ssim
 from freqexp.errors import ConfigError
 from freqexp.losses import LOSS_TERMS, build_loss, parse_spec
 
-ALL_TERMS = ["mse", "l1", "charbonnier", "ssim", "gradient", "tv"]
+ALL_TERMS = ["mse", "l1", "charbonnier", "ssim", "gradient", "tv", "fft", "focal_freq", "wavelet"]
 
 
 def term(name: str, **params):
@@ -215,7 +215,7 @@ def test_weights_compose_all_terms_from_omegaconf():
     weights = {"mse": 2.0, "l1": 0.25, "charbonnier": 1.5, "ssim": 0.5, "gradient": 3, "tv": 0.1}
     cfg = OmegaConf.create({"spec": "+".join(ALL_TERMS), "weights": weights, "params": {"charbonnier": {"eps": 0.01}}})
     total, parts = build_loss(cfg)(pred, target)
-    expected = sum(weights[n] * parts[n].item() for n in ALL_TERMS)
+    expected = sum(weights.get(n, 1.0) * parts[n].item() for n in ALL_TERMS)  # unlisted terms weigh 1
     assert total.item() == pytest.approx(expected, rel=1e-6)
     # and the parts are the standalone terms
     assert parts["charbonnier"].item() == pytest.approx(
