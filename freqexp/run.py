@@ -146,7 +146,8 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         tracker.log_metrics(metrics, step=trainer.current_epoch)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
-        artifacts = [output_dir / "config.yaml", output_dir / "metrics.json"]
+        torch.save(module.model.state_dict(), output_dir / "model.pt")  # for analyses of this run
+        artifacts = [output_dir / "config.yaml", output_dir / "metrics.json", output_dir / "model.pt"]
         if cfg.tracking.log_images:
             artifacts += write_figures(module, data, scored, metrics, output_dir)
         tracker.log_artifacts(artifacts)

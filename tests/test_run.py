@@ -17,7 +17,7 @@ from tests.conftest import FAST, REPO, cli, compose_cfg, needs_fmnist, read_runs
 
 METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/acc", "test/balanced_acc",
            "train/throughput", "test/throughput", "sys/peak_memory_mb"]
-ARTIFACTS = {"config.yaml", "metrics.json", "reconstructions.png", "roc.png", "pr.png", "score_hist.png"}
+ARTIFACTS = {"config.yaml", "metrics.json", "model.pt", "reconstructions.png", "roc.png", "pr.png", "score_hist.png"}
 
 
 def run_synthetic(tmp_path, store, *overrides, name="run"):
