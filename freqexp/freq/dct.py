@@ -24,12 +24,21 @@ def dct_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 def dct2(x: torch.Tensor) -> torch.Tensor:
     ch, cw = dct_matrix(x.shape[-2], x.device, x.dtype), dct_matrix(x.shape[-1], x.device, x.dtype)
-    return ch @ x @ cw.T
+    return separable(x, ch, cw.T)
 
 
 def idct2(X: torch.Tensor) -> torch.Tensor:
     ch, cw = dct_matrix(X.shape[-2], X.device, X.dtype), dct_matrix(X.shape[-1], X.device, X.dtype)
-    return ch.T @ X @ cw
+    return separable(X, ch.T, cw)
+
+
+def separable(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ x @ right for a batch [..., H, W] as two large matrix products (one GEMM per
+    axis over the whole batch, not thousands of tiny ones)."""
+    h, w = x.shape[-2:]
+    y = (x.reshape(-1, w) @ right).reshape(*x.shape[:-1], right.shape[1])
+    yt = y.transpose(-1, -2).reshape(-1, h) @ left.T
+    return yt.reshape(*y.shape[:-2], y.shape[-1], left.shape[0]).transpose(-1, -2)
 
 
 def low_frequency_mask(height: int, width: int, fraction: float, device=None) -> torch.Tensor:
@@ -37,7 +46,7 @@ def low_frequency_mask(height: int, width: int, fraction: float, device=None) ->
     v = torch.arange(width, dtype=torch.float64).view(1, -1) / width
     r = torch.sqrt(u**2 + v**2).flatten()
     order = torch.argsort(r, stable=True)
-    keep = int(round(fraction * height * width))
+    keep = math.floor(fraction * height * width + 0.5 + 1e-9)  # half up, robust to 1 - (1 - f) != f
     mask = torch.zeros(height * width, dtype=torch.bool)
     mask[order[:keep]] = True
     return mask.view(height, width).to(device)
@@ -64,9 +73,10 @@ class DCTFilter(nn.Module):
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ch, cw, mask = self._operators(x.shape[-2], x.shape[-1], x.device)
-        coeffs = ch @ x.float() @ cw.T
-        return (ch.T @ (coeffs * mask) @ cw).to(x.dtype)
+        h, w = x.shape[-2:]
+        ch, cw, mask = self._operators(h, w, x.device)
+        coeffs = separable(x.float(), ch, cw.T)
+        return separable(coeffs * mask, ch.T, cw).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"keep {self.keep} {self.fraction:.0%} of DCT coefficients"

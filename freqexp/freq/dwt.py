@@ -28,49 +28,46 @@ def wavelet_filters(name: str) -> Dict[str, torch.Tensor]:
     return {k: torch.tensor(getattr(w, k), dtype=torch.float32) for k in ("dec_lo", "dec_hi", "rec_lo", "rec_hi")}
 
 
-def _analysis_1d(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Along the last axis: c[k] = sum_j f[j] x[(2k + L/2 - j) mod M] (pywt periodization)."""
-    if x.shape[-1] % 2:
-        x = torch.cat([x, x[..., -1:]], dim=-1)
-    shape, m = x.shape, x.shape[-1]
-    length = lo.numel()
-    p = length // 2 - 1
-    flat = x.reshape(-1, 1, m)
-    idx = (torch.arange(-p, m + length - 1 - p, device=x.device)) % m  # circular padding, any size
-    padded = flat[..., idx]
-    w = torch.stack([lo.flip(0), hi.flip(0)]).unsqueeze(1).to(x.device, x.dtype)
-    out = F.conv1d(padded, w, stride=2)
-    return out[:, 0].reshape(*shape[:-1], m // 2), out[:, 1].reshape(*shape[:-1], m // 2)
-
-
-def _synthesis_1d(a: torch.Tensor, d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Inverse of _analysis_1d: y[(2k + j + 1 - L/2) mod M] += a[k] lo[j] + d[k] hi[j]."""
-    shape, k = a.shape, a.shape[-1]
-    m, length = 2 * k, lo.numel()
-    w = torch.stack([lo, hi]).unsqueeze(1).to(a.device, a.dtype)  # [2, 1, L]
-    both = torch.stack([a.reshape(-1, k), d.reshape(-1, k)], dim=1)  # [N, 2, K]
-    full = F.conv_transpose1d(both, w, stride=2)  # [N, 1, 2K - 2 + L]
-    idx = (torch.arange(full.shape[-1], device=a.device) + 1 - length // 2) % m
-    out = torch.zeros(full.shape[0], m, device=a.device, dtype=a.dtype)
-    out.index_add_(1, idx, full[:, 0])
-    return out.reshape(*shape[:-1], m)
+def _kernels(f_lo: torch.Tensor, f_hi: torch.Tensor) -> torch.Tensor:
+    """[4, 1, L, L] separable kernels in band order LL, LH, HL, HH (first factor along y)."""
+    pairs = [(f_lo, f_lo), (f_hi, f_lo), (f_lo, f_hi), (f_hi, f_hi)]  # (along y, along x)
+    return torch.stack([torch.outer(a, b) for a, b in pairs]).unsqueeze(1)
 
 
 def dwt2(x: torch.Tensor, filters: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One level on [..., H, W]: (LL, (LH, HL, HH)), each [..., ceil(H/2), ceil(W/2)]."""
-    lo, hi = filters["dec_lo"], filters["dec_hi"]
-    row_lo, row_hi = _analysis_1d(x, lo, hi)  # along W (x)
-    ll, lh = _analysis_1d(row_lo.transpose(-1, -2), lo, hi)  # along H (y)
-    hl, hh = _analysis_1d(row_hi.transpose(-1, -2), lo, hi)
-    return ll.transpose(-1, -2), (lh.transpose(-1, -2), hl.transpose(-1, -2), hh.transpose(-1, -2))
+    """One level on [..., H, W]: (LL, (LH, HL, HH)), each [..., ceil(H/2), ceil(W/2)]. One
+    strided conv2d over the circularly padded image computes all four bands."""
+    lo, hi = filters["dec_lo"].to(x.device, x.dtype), filters["dec_hi"].to(x.device, x.dtype)
+    if x.shape[-2] % 2:
+        x = torch.cat([x, x[..., -1:, :]], dim=-2)
+    if x.shape[-1] % 2:
+        x = torch.cat([x, x[..., -1:]], dim=-1)
+    lead, (m, n) = x.shape[:-2], x.shape[-2:]
+    length = lo.numel()
+    p = length // 2 - 1
+    flat = x.reshape(-1, 1, m, n)
+    rows = torch.arange(-p, m + length - 1 - p, device=x.device) % m  # circular padding of any width
+    cols = torch.arange(-p, n + length - 1 - p, device=x.device) % n
+    padded = flat[:, :, rows][:, :, :, cols]
+    out = F.conv2d(padded, _kernels(lo.flip(0), hi.flip(0)), stride=2)  # [N, 4, m/2, n/2]
+    out = out.reshape(*lead, 4, m // 2, n // 2)
+    return out[..., 0, :, :], (out[..., 1, :, :], out[..., 2, :, :], out[..., 3, :, :])
 
 
 def idwt2(ll: torch.Tensor, details: Sequence[torch.Tensor], filters: Dict[str, torch.Tensor]) -> torch.Tensor:
-    lo, hi = filters["rec_lo"], filters["rec_hi"]
-    lh, hl, hh = details
-    row_lo = _synthesis_1d(ll.transpose(-1, -2), lh.transpose(-1, -2), lo, hi).transpose(-1, -2)
-    row_hi = _synthesis_1d(hl.transpose(-1, -2), hh.transpose(-1, -2), lo, hi).transpose(-1, -2)
-    return _synthesis_1d(row_lo, row_hi, lo, hi)
+    """Inverse of dwt2: y[(2k + j + 1 - L/2) mod M] += c[k] g[j] along each axis, as one
+    transposed conv2d whose overhang is folded back (periodization)."""
+    lo, hi = filters["rec_lo"].to(ll.device, ll.dtype), filters["rec_hi"].to(ll.device, ll.dtype)
+    lead, (k1, k2) = ll.shape[:-2], ll.shape[-2:]
+    m, n, length = 2 * k1, 2 * k2, lo.numel()
+    bands = torch.stack([ll, *details], dim=-3).reshape(-1, 4, k1, k2)
+    full = F.conv_transpose2d(bands, _kernels(lo, hi), stride=2)  # [N, 1, 2K1-2+L, 2K2-2+L]
+    shift = 1 - length // 2
+    rows = (torch.arange(full.shape[-2], device=ll.device) + shift) % m
+    cols = (torch.arange(full.shape[-1], device=ll.device) + shift) % n
+    folded = torch.zeros(full.shape[0], 1, m, full.shape[-1], device=ll.device, dtype=ll.dtype).index_add_(2, rows, full)
+    out = torch.zeros(full.shape[0], 1, m, n, device=ll.device, dtype=ll.dtype).index_add_(3, cols, folded)
+    return out.reshape(*lead, m, n)
 
 
 def wavedec2(x: torch.Tensor, filters, level: int) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, ...]], List[Tuple[int, int]]]:
