@@ -1,4 +1,7 @@
-"""Serves the `loss` config group for any `+`-joined spec.
+"""Config sources of freqexp: the `loss` group for any `+`-joined spec, and the `sweep` group
+of presets in sweeps/.
+
+The `loss` group: 
 
 `loss=mse+ssim` names a group option, yet every combination of terms in any order is valid,
 so no folder of yaml files can hold them all. This config source answers `loss/<spec>` with
@@ -77,6 +80,67 @@ class LossSpecSource(ConfigSource):
         return LOSS_TERMS.names() + ["mse+ssim"]
 
 
+SWEEP_GROUP = "sweep"
+SWEEP_SCHEME = "freqexp-sweeps"
+SWEEP_PACKAGE = "freqexp.sweeps"  # the top-level sweeps/ folder, mapped into the package
+
+
+def _sweep_files():
+    from importlib.resources import files
+
+    return files(SWEEP_PACKAGE)
+
+
+def sweep_presets() -> List[str]:
+    return sorted(p.name[: -len(".yaml")] for p in _sweep_files().iterdir() if p.name.endswith(".yaml"))
+
+
+class SweepPresetSource(ConfigSource):
+    """Serves `sweep/<name>` from the yaml files of sweeps/, so `+sweep=<name>` picks a preset.
+    sweeps/ sits at the top of the repo (not in conf/) and ships inside the package."""
+
+    @staticmethod
+    def scheme() -> str:
+        return SWEEP_SCHEME
+
+    def _option(self, config_path: str) -> Optional[str]:
+        path = self._normalize_file_name(config_path.strip("/"))
+        if not path.startswith(SWEEP_GROUP + "/"):
+            return None
+        option = path[len(SWEEP_GROUP) + 1 : -len(".yaml")]
+        return option if option in sweep_presets() else None
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        option = self._option(config_path)
+        if option is None:
+            raise ConfigLoadError(f"no sweep preset {config_path}; presets: {', '.join(sweep_presets())}")
+        text = (_sweep_files() / f"{option}.yaml").read_text()
+        header = self._get_header_dict(text)
+        return ConfigResult(
+            config=OmegaConf.create(text),
+            path=f"{SWEEP_SCHEME}://{self.path}",
+            provider=self.provider,
+            header={"package": header.get("package") or SWEEP_GROUP},
+        )
+
+    def available(self) -> bool:
+        return True
+
+    def is_group(self, config_path: str) -> bool:
+        return config_path.strip("/") in ("", SWEEP_GROUP)
+
+    def is_config(self, config_path: str) -> bool:
+        return self._option(config_path) is not None
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        path = config_path.strip("/")
+        if path == "":
+            return [SWEEP_GROUP] if results_filter in (None, ObjectType.GROUP) else []
+        if path != SWEEP_GROUP or results_filter == ObjectType.GROUP:
+            return []
+        return sweep_presets()
+
+
 def known_terms() -> str:
     from freqexp.losses.terms import LOSS_TERMS
 
@@ -85,6 +149,9 @@ def known_terms() -> str:
 
 def register() -> None:
     Plugins.instance().register(LossSpecSource)
+    Plugins.instance().register(SweepPresetSource)
+    if not OmegaConf.has_resolver("freqexp_sweep_presets"):
+        OmegaConf.register_new_resolver("freqexp_sweep_presets", lambda: ", ".join(sweep_presets()))
     # `--help` lists groups without the primary config's search path, so the help text
     # names the loss terms through this resolver instead.
     if not OmegaConf.has_resolver("freqexp_loss_terms"):

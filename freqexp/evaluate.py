@@ -41,9 +41,29 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
     return Scored(s, split.labels.cpu(), torch.cat(maps) if keep_maps else None, seconds)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's counter, or on Linux the process's peak RSS (VmHWM), so jobs of a
+    sweep that share a process each report their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -94,11 +94,15 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
+    if data.val.n_anomalous in (0, len(data.val)):
+        raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
+                           f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(), "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
     run_id = tracker.start(run_name, run_tags)
+    previous_sigterm = on_sigterm_raise_interrupt()
     try:
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
         params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
@@ -126,8 +130,9 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         trainer = build_trainer(cfg, plan, callbacks)
         train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
         val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        from freqexp.evaluate import reset_peak_memory
+
+        reset_peak_memory(device)
         fit_t0 = time.perf_counter()
         trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)  # 6. fit
         fit_seconds = time.perf_counter() - fit_t0
@@ -155,7 +160,8 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         tracker.end("FINISHED")
         return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes")})
     except BaseException as e:  # the run must never be left RUNNING
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        # Lightning turns an interrupt during fit into SystemExit (and SIGTERM into SIGTERMException, a SystemExit)
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
         try:
             err = output_dir / "error.txt"
             err.write_text(traceback.format_exc())
@@ -164,6 +170,30 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         finally:
             tracker.end(status)
         raise
+    finally:
+        restore_sigterm(previous_sigterm)
+
+
+def on_sigterm_raise_interrupt():
+    """While a run is open, SIGTERM (a cluster's kill, `kill PID`) interrupts it so it ends KILLED
+    instead of RUNNING forever. Returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_figures(module, data, scored, metrics, output_dir: Path) -> list[Path]:
@@ -232,8 +262,10 @@ def write_status(output_dir: Path, **fields) -> None:
     (output_dir / STATUS_FILE).write_text(json.dumps(fields, indent=2, default=str))
 
 
-def task(cfg: DictConfig) -> float:
-    """The Hydra task: returns val/auroc (the sweep objective); NaN for a failed sweep job."""
+def task(cfg: DictConfig) -> Optional[float]:
+    """The Hydra task: returns val/auroc (the sweep objective), or None for a failed sweep job:
+    Optuna (5.x) refuses NaN, and hydra-optuna-sweeper records a trial whose return value is not
+    a number as FAILED and goes on (with max_failure_rate: 1.0, as in sweeps/optuna.yaml)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -254,15 +286,16 @@ def task(cfg: DictConfig) -> float:
             print(f"freqexp: error: {message}", file=sys.stderr)
             sys.exit(2)
         log.error("job %s (%s) failed: %s", hc.job.num, overrides, message)
-        return float("nan")
+        return None
     except Exception as e:
         message = one_line(e)
         write_status(output_dir, status="failed", overrides=overrides, error=message)
         if not multirun:
-            print(f"freqexp: error: {message}\n  traceback: {output_dir / 'error.txt'}", file=sys.stderr)
+            where = f"\n  traceback: {output_dir / 'error.txt'}" if (output_dir / "error.txt").exists() else ""
+            print(f"freqexp: error: {message}{where}", file=sys.stderr)
             sys.exit(1)
         log.error("job %s (%s) failed: %s (traceback in %s)", hc.job.num, overrides, message, output_dir / "error.txt")
-        return float("nan")
+        return None
     value = result.metrics[OBJECTIVE]
     write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
     if multirun:

@@ -35,7 +35,17 @@ def render(jobs: list[dict], sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def ensure_sqlite_parent(uri) -> None:
+    """sqlite cannot create the folder of its database file; do it (Optuna's study storage)."""
+    if isinstance(uri, str) and uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ensure_sqlite_parent(config.hydra.sweeper.get("storage"))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect(sweep_dir)

@@ -81,6 +81,11 @@ class ReconstructionModule(L.LightningModule):
 
     @torch.no_grad()
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        # Scores are fp32 during fit too, so the val/auroc that selects epochs is the reported one.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._anomaly_map(x.float())
+
+    def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         x_in, target = self.model_io(x, train=False)
         residual_map = self.model.anomaly_map(x_in, target)
         if self.placement == "score":
@@ -131,11 +136,16 @@ class EpochMetricsLogger(L.Callback):
 
     def __init__(self, log_fn: Callable[[Dict[str, float], int], None]):
         self.log_fn = log_fn
+        self.epoch_lr: Optional[float] = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        # the lr this epoch trains with (epoch schedulers step before on_train_epoch_end)
+        self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 
     def _send(self, trainer, prefix: str):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-        if prefix == "train/" and trainer.optimizers:
-            metrics["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        if prefix == "train/" and self.epoch_lr is not None:
+            metrics["train/lr"] = self.epoch_lr
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         if metrics:
             self.log_fn(metrics, trainer.current_epoch)
@@ -200,7 +210,7 @@ class BestWeights(L.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None or not math.isfinite(float(value)):
             return
-        if float(value) > self.best:
+        if float(value) >= self.best:  # ties go to the later, better-trained epoch
             self.best, self.best_epoch = float(value), trainer.current_epoch
             self.state = copy.deepcopy(pl_module.model.state_dict())
 

@@ -17,9 +17,10 @@ from freqexp.metrics import REDUCTIONS
 from freqexp.models import ReconstructionModel, build_model
 from freqexp.training import OPTIMIZERS, SCHEDULERS
 
+# Mixed precision keeps fp32 weights and fp32 inputs; "*-true" modes would need every input cast.
 PRECISIONS = {
-    "cpu": ("32-true", "bf16-mixed", "bf16-true", "64-true"),
-    "gpu": ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true", "64-true"),
+    "cpu": ("32-true", "bf16-mixed"),
+    "gpu": ("16-mixed", "bf16-mixed", "32-true"),
 }
 
 
@@ -54,6 +55,12 @@ def _number(key: str, value: Any, low: float, high: float | None = None, low_ope
         rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(key, f"must be a number {rng}; got {value!r}")
     return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false; got {value!r}")
+    return value
 
 
 def _choice(key: str, value: Any, allowed) -> str:
@@ -92,6 +99,12 @@ def make_plan(cfg) -> Plan:
     _int("trainer.batch_size", t.batch_size, 1)
     _int("trainer.eval_batch_size", t.eval_batch_size, 1)
     _int("trainer.val_every_n_epochs", t.val_every_n_epochs, 1)
+    for key in ("progress_bar", "restore_best", "nan_guard"):
+        _bool(f"trainer.{key}", t[key])
+    _bool("trainer.early_stopping.enabled", t.early_stopping.enabled)
+    if t.restore_best and t.max_epochs % t.val_every_n_epochs:
+        raise ConfigError("trainer.val_every_n_epochs", f"must divide trainer.max_epochs ({t.max_epochs}) so the last epoch is validated "
+                          f"before the best one is restored; got {t.val_every_n_epochs} (or set trainer.restore_best=false)")
     _int("trainer.early_stopping.patience", t.early_stopping.patience, 0)
     _number("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0)
     o = cfg.optim
@@ -103,6 +116,12 @@ def make_plan(cfg) -> Plan:
     _choice("score.reduction", cfg.score.reduction, REDUCTIONS)
     _number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
 
+    from freqexp.tracking import resolve_uri
+
+    resolve_uri(cfg.tracking.uri)
+    if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment", f"must be a non-empty name; got {cfg.tracking.experiment!r}")
+    _bool("tracking.log_images", cfg.tracking.log_images)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
     shape = dataset_shape(cfg.dataset)
     hardware = resolve_hardware(cfg.hardware)

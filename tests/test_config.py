@@ -97,6 +97,12 @@ def test_cpu_rejects_fp16_mixed():
         ("augment=noise", None),
         ("dataset.n_train=0", "dataset.n_train"),
         ("loss.weights.mse=-1", "loss.weights.mse"),
+        ("hardware.precision=bf16-true", "hardware.precision"),
+        ("trainer.restore_best=no", "trainer.restore_best"),
+        ("trainer.early_stopping.enabled=maybe", "trainer.early_stopping.enabled"),
+        ("trainer.val_every_n_epochs=3", "trainer.val_every_n_epochs"),  # does not divide max_epochs=20
+        ("loss.params.ssim.sigma=abc", "loss.params.ssim.sigma"),
+        ("tracking.experiment=''", "tracking.experiment"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(override, key):
@@ -109,13 +115,22 @@ def test_bad_values_raise_config_error_naming_the_key(override, key):
     assert e.value.key == key
 
 
+@pytest.mark.parametrize("override", ["dataset.val_fraction=abc", "dataset.val_anomaly_ratio=abc", "dataset.normal_class=[]"])
+def test_fashion_mnist_type_errors_name_the_key(override):
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg)
+    assert e.value.key == override.split("=")[0]
+
+
 def test_help_lists_groups_and_their_options(tmp_path):
     r = cli(["--help"], cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for group in GROUPS + ["loss"]:
         assert f"{group}:" in out
-    for option in ["ae, cae, cvae", "fashion_mnist, synthetic", "auto, cpu, gpu", "noise, none"]:
+    for option in ["ae, cae, cvae", "fashion_mnist, synthetic", "auto, cpu, gpu", "flip_rot, freq_cutpaste, noise, none",
+                   "bhpf, blpf, dct, dwt, fft", "fair_ablation, filter_grid, loss_model_grid, optuna, seeds"]:
         assert option in out
     for term in LOSS_TERMS.names():
         assert term in out

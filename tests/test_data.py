@@ -636,3 +636,15 @@ def test_index_batches_in_order_and_aligned_tensors():
     assert torch.equal(torch.cat(plain), x)
     for bx, by in IndexBatches(x, y, batch_size=8, shuffle=True, seed=5):
         assert torch.equal(by, -bx)  # rows stay paired across tensors
+
+
+def test_training_batches_never_end_in_a_single_image():
+    """BatchNorm cannot train on one sample: a shuffled last batch of 1 is dropped (evaluation keeps all)."""
+    x = torch.arange(257)
+    train = IndexBatches(x, batch_size=32, shuffle=True, seed=0)
+    sizes = [len(b) for b in train]
+    assert sizes[-1] == 32 and sum(sizes) == 256 and len(train) == len(sizes) == 8
+    seen = set(torch.cat(list(train)).tolist()) | set(torch.cat(list(train)).tolist())
+    assert len(seen) > 256  # a different image is left out each epoch
+    full = IndexBatches(x, batch_size=32)
+    assert sum(len(b) for b in full) == 257 and len(full) == 9

@@ -52,6 +52,58 @@ def test_synthetic_run_is_logged_to_mlflow_completely(tmp_path, store):
     assert run.data.tags["purpose"] == "test" and run.data.tags["model"] == "cae"
 
 
+def test_lr_is_logged_for_the_epoch_it_trained(tmp_path, store):
+    result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "optim.lr=0.002", "tracking.log_images=false")
+    lrs = {m.step: m.value for m in MlflowClient(store).get_metric_history(result.run_id, "train/lr")}
+    assert lrs[0] == pytest.approx(0.002)  # cosine: epoch 0 trains at the full lr
+    assert lrs[1] < lrs[0]
+
+
+@needs_fmnist
+def test_a_validation_split_without_anomalies_fails_before_a_run_opens(tmp_path, store):
+    from freqexp.errors import FreqexpError
+
+    # 6000 normals x 0.0002 = 1 held-out normal, x 0.5 = 0 anomalies
+    cfg = compose_cfg([*FAST, f"tracking.uri={store}", "dataset.val_fraction=0.0002", "dataset.val_anomaly_ratio=0.5",
+                       "dataset.limit_train=100", "dataset.limit_test=100"])
+    with pytest.raises(FreqexpError, match="dataset.val_fraction"):
+        execute(cfg, tmp_path / "one-class-val")
+    assert not (tmp_path / "mlflow.db").exists() or len(read_runs(store)) == 0
+
+
+def test_sigterm_ends_the_run_killed_not_running(tmp_path):
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "k.db"
+    proc = subprocess.Popen([sys.executable, "-m", "freqexp", "dataset=synthetic", "dataset.n_train=4000", "trainer.batch_size=16",
+                             "trainer.max_epochs=1000", "trainer.progress_bar=false", f"tracking.uri=sqlite:///{db}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def statuses():
+        try:
+            with sqlite3.connect(db) as con:
+                return [row[0] for row in con.execute("select status from runs")]
+        except sqlite3.Error:  # not created yet
+            return []
+
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and statuses() != ["RUNNING"]:
+            time.sleep(0.5)
+        assert statuses() == ["RUNNING"], "the run never started"
+        time.sleep(3)  # inside training
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert statuses() == ["KILLED"]
+
+
 def test_same_seed_same_result_and_other_seed_differs(tmp_path, store):
     a = run_synthetic(tmp_path, store, "seed=3", name="a").metrics
     b = run_synthetic(tmp_path, store, "seed=3", name="b").metrics

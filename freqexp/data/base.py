@@ -79,14 +79,22 @@ class IndexBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self.n = len(tensors[0])
 
+    @property
+    def stop(self) -> int:
+        """When shuffling (training), a last batch of one image is dropped: BatchNorm cannot
+        normalize a single sample. It is a different image each epoch."""
+        if self.shuffle and self.n > 1 and self.n % self.batch_size == 1:
+            return self.n - 1
+        return self.n
+
     def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
+        return (self.stop + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator:
         device = self.tensors[0].device
         if self.shuffle:
             order = torch.randperm(self.n, generator=self.generator).to(device)
-        for start in range(0, self.n, self.batch_size):
+        for start in range(0, self.stop, self.batch_size):
             if self.shuffle:
                 idx = order[start : start + self.batch_size]
                 batch = tuple(t[idx] for t in self.tensors)

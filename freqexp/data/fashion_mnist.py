@@ -102,12 +102,14 @@ class FashionMNIST:
     @staticmethod
     def check(cfg) -> None:
         normal_classes(cfg)
-        if not 0 < cfg.val_fraction < 1:
-            raise ConfigError("dataset.val_fraction", f"must be in (0, 1); got {cfg.val_fraction}")
+        vf = cfg.val_fraction
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
+            raise ConfigError("dataset.val_fraction", f"must be a number in (0, 1); got {vf!r}")
         if cfg.get("val_anomalies", "classes") not in ("classes", "pseudo"):
             raise ConfigError("dataset.val_anomalies", f"must be classes (other classes of the train split) or pseudo (CutPaste-family images of held-out normals); got {cfg.val_anomalies!r}")
-        if not cfg.val_anomaly_ratio > 0:
-            raise ConfigError("dataset.val_anomaly_ratio", f"must be > 0; got {cfg.val_anomaly_ratio}")
+        ar = cfg.val_anomaly_ratio
+        if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not ar > 0:
+            raise ConfigError("dataset.val_anomaly_ratio", f"must be a number > 0; got {ar!r}")
         for key, low in (("limit_train", 1), ("limit_test", 10)):
             v = cfg.get(key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):

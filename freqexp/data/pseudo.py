@@ -29,6 +29,11 @@ def with_pseudo_val(data: OneClassData, augment: nn.Module, seed: int) -> OneCla
         pick = torch.randint(len(normals), (n_anom,))
         x = normals[pick].float() / 255.0
         aug, mask = generator.synthesize(x)
+        for _ in range(10):  # a patch pasted onto its own source changes nothing: draw again
+            empty = ~mask.flatten(1).any(1)
+            if not empty.any():
+                break
+            aug[empty], mask[empty] = generator.synthesize(x[empty])
     anomalies = (aug * 255).round().clamp(0, 255).to(torch.uint8)
     h, w = normals.shape[-2:]
     masks = torch.cat([torch.zeros(len(normals), 1, h, w, dtype=torch.bool), mask.cpu()])

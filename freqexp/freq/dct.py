@@ -75,8 +75,9 @@ class DCTFilter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ch, cw, mask = self._operators(h, w, x.device)
-        coeffs = separable(x.float(), ch, cw.T)
-        return separable(coeffs * mask, ch.T, cw).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 matmuls under mixed precision
+            coeffs = separable(x.float(), ch, cw.T)
+            return separable(coeffs * mask, ch.T, cw).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"keep {self.keep} {self.fraction:.0%} of DCT coefficients"

@@ -20,11 +20,10 @@ BANDS = ("LL", "LH", "HL", "HH")
 def wavelet_filters(name: str) -> Dict[str, torch.Tensor]:
     import pywt
 
-    try:
-        w = pywt.Wavelet(name)
-    except ValueError:
+    if not isinstance(name, str) or name not in pywt.wavelist(kind="discrete"):
         families = ", ".join(f for f in pywt.families() if pywt.wavelist(f, kind="discrete"))
-        raise ConfigError("filter.wavelet", f"unknown wavelet {name!r}; use a pywavelets discrete wavelet name (haar, db2, bior2.2, sym4, ...; families: {families})") from None
+        raise ConfigError("filter.wavelet", f"unknown wavelet {name!r}; use a pywavelets discrete wavelet name (haar, db2, bior2.2, sym4, ...; families: {families})")
+    w = pywt.Wavelet(name)
     return {k: torch.tensor(getattr(w, k), dtype=torch.float32) for k in ("dec_lo", "dec_hi", "rec_lo", "rec_hi")}
 
 
@@ -111,12 +110,15 @@ class DWTFilter(nn.Module):
         return 2**self.level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        ll, details, sizes = wavedec2(x.float(), self.filters, self.level)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 convolutions under mixed precision
+            return self._filter(x.float()).to(x.dtype)
+
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:
+        ll, details, sizes = wavedec2(x, self.filters, self.level)
         if "LL" not in self.keep:
             ll = torch.zeros_like(ll)
         details = [tuple(band if name in self.keep else torch.zeros_like(band) for name, band in zip(BANDS[1:], d)) for d in details]
-        return waverec2(ll, details, sizes, self.filters).to(dtype)
+        return waverec2(ll, details, sizes, self.filters)
 
     def extra_repr(self) -> str:
         return f"wavelet={self.wavelet}, level={self.level}, keep={sorted(self.keep)}"

@@ -49,7 +49,11 @@ class CompositeLoss(nn.Module):
         self.weights = dict(weights)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        parts = {name: term(pred, target) for name, term in self.terms.items()}
+        # Terms run in fp32 with autocast off: SSIM's variances and the wavelet convolutions lose
+        # most of their digits in fp16/bf16 (x.float() alone does not escape autocast).
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target = pred.float(), target.float()
+            parts = {name: term(pred, target) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in parts.items())
         return total, parts
 

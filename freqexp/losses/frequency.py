@@ -6,7 +6,7 @@ import torch
 
 from freqexp.errors import ConfigError
 from freqexp.freq.dwt import wavedec2, wavelet_filters
-from freqexp.losses.terms import LOSS_TERMS, LossTerm
+from freqexp.losses.terms import LOSS_TERMS, LossTerm, positive_number
 
 
 @LOSS_TERMS.register("fft")
@@ -33,7 +33,7 @@ class FocalFrequencyLoss(LossTerm):
 
     @staticmethod
     def check(params):
-        return {} if isinstance(params["alpha"], (int, float)) and params["alpha"] > 0 else {"alpha": f"must be > 0, got {params['alpha']!r}"}
+        return {} if positive_number(params["alpha"]) else {"alpha": f"must be > 0, got {params['alpha']!r}"}
 
     def forward(self, pred, target):
         diff = torch.fft.fft2(pred.float(), norm="ortho") - torch.fft.fft2(target.float(), norm="ortho")
@@ -72,7 +72,7 @@ class WaveletL1(LossTerm):
         lv = params["level"]
         return {} if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1 else {"level": f"must be an integer >= 1, got {lv!r}"}
 
-    def forward(self, pred, target):
+    def forward(self, pred, target):  # CompositeLoss calls every term with autocast off, in fp32
         filters = {k: getattr(self, k) for k in ("dec_lo", "dec_hi", "rec_lo", "rec_hi")}
         ll_p, det_p, _ = wavedec2(pred.float(), filters, self.level)
         ll_t, det_t, _ = wavedec2(target.float(), filters, self.level)

@@ -14,6 +14,10 @@ from freqexp.registry import Registry
 LOSS_TERMS: Registry[type["LossTerm"]] = Registry("loss term", "loss")
 
 
+def positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 class LossTerm(nn.Module):
     defaults: Dict[str, Any] = {}
 
@@ -51,7 +55,7 @@ class Charbonnier(LossTerm):
 
     @staticmethod
     def check(params):
-        return {} if params["eps"] > 0 else {"eps": f"must be > 0, got {params['eps']}"}
+        return {} if positive_number(params["eps"]) else {"eps": f"must be a number > 0, got {params['eps']!r}"}
 
     def forward(self, pred, target):
         diff = pred.float() - target.float()
@@ -66,8 +70,12 @@ def gaussian_window(win_size: int, sigma: float, device=None) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
     """Mean structural similarity with a Gaussian window (valid convolution, per channel),
-    computed in fp32 so it stays accurate under mixed precision."""
-    x, y = x.float(), y.float()
+    computed in fp32 with autocast off so it stays accurate under mixed precision."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim_fp32(x.float(), y.float(), win_size, sigma, data_range)
+
+
+def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float) -> torch.Tensor:
     channels = x.shape[1]
     g = gaussian_window(win_size, sigma, x.device)
     kh = g.view(1, 1, win_size, 1).repeat(channels, 1, 1, 1)
@@ -106,7 +114,7 @@ class SSIMLoss(LossTerm):
         w = params["win_size"]
         if not isinstance(w, int) or w < 3 or w % 2 == 0:
             problems["win_size"] = f"must be an odd integer >= 3, got {w}"
-        if not params["sigma"] > 0:
+        if not positive_number(params["sigma"]):
             problems["sigma"] = f"must be > 0, got {params['sigma']}"
         return problems
 
