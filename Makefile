@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[dev]"
+	# hydra-optuna-sweeper 1.3.0 pins optuna<3, whose sqlite storage breaks on the SQLAlchemy 2
+	# that mlflow needs; it works with optuna 5 (pinned above), so it goes in without its deps.
+	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0
 	touch $(STAMP)
 
 install: $(STAMP) data  ## create .venv with pinned dependencies and fetch Fashion-MNIST
@@ -35,8 +38,8 @@ run: install  ## run the default experiment (FMNIST class 0, CAE, mse+ssim); ARG
 test: install  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-sweep: install  ## grid sweep over models x losses (SWEEP='model=... loss=...')
-	$(PY) -m freqexp --multirun $(SWEEP) $(ARGS)
+sweep: install  ## a sweep: SWEEP=<preset in sweeps/> (e.g. loss_model_grid, optuna) or SWEEP='model=... loss=...'
+	$(PY) -m freqexp --multirun $(if $(findstring =,$(SWEEP)),$(SWEEP),+sweep=$(SWEEP)) $(ARGS)
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
 	$(PY) benchmarks/throughput.py

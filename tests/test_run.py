@@ -212,7 +212,9 @@ def test_wheel_install_finds_packaged_config(tmp_path):
                    check=True, capture_output=True)
     wheel = next(tmp_path.glob("freqexp-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ["freqexp/conf/config.yaml", "freqexp/conf/model/cae.yaml", "freqexp/conf/hydra/help/freqexp.yaml"]:
+    for f in ["freqexp/conf/config.yaml", "freqexp/conf/model/cae.yaml", "freqexp/conf/hydra/help/freqexp.yaml",
+              "freqexp/conf/analyze.yaml", "freqexp/conf/analysis/band_energy.yaml", "freqexp/sweeps/optuna.yaml",
+              "freqexp/analysis/spectra.py", "freqexp/data/fashion_mnist.py"]:
         assert f in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
@@ -222,3 +224,43 @@ def test_wheel_install_finds_packaged_config(tmp_path):
     r = subprocess.run([sys.executable, "-m", "freqexp", "--cfg", "job", "loss=l1+tv"], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "spec: l1+tv" in r.stdout, r.stderr
+
+
+def test_grid_preset_composes_its_search_space():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
+        full = compose(config_name="config", overrides=["+sweep=loss_model_grid"], return_hydra_config=True)
+    params = full.hydra.sweeper.params
+    assert params.model == "ae,cae,cvae" and "mse+ssim" in params.loss.split(",")
+    assert full.trainer.max_epochs == 10
+
+
+def test_optuna_preset_runs_trials_and_resumes_its_study(tmp_path):
+    import optuna
+
+    args = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+            "hydra.sweeper.n_trials=3", f"tracking.uri=sqlite:///{tmp_path / 'o.db'}"]
+    for expected in (3, 6):  # the second invocation continues the same study
+        r = cli(args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        study = optuna.load_study(study_name="freqexp_cae_synthetic", storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+        states = [t.state.name for t in study.trials]
+        assert states == ["COMPLETE"] * expected
+    runs = read_runs(f"sqlite:///{tmp_path / 'o.db'}")
+    assert len(runs) == 6 and set(runs["status"]) == {"FINISHED"}
+    best = max(t.value for t in study.trials)
+    assert best == pytest.approx(runs["metrics.val/auroc"].max())  # the objective is val/auroc, not a test metric
+
+
+def test_a_failed_optuna_trial_is_recorded_failed_and_the_study_goes_on(tmp_path):
+    import optuna
+
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = cli(["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "hydra.sweeper.n_trials=2", "model.name=tests.nan_model:NaNCAE", "hydra.sweeper.study_name=nan",
+             f"tracking.uri=sqlite:///{tmp_path / 'o.db'}"], cwd=tmp_path, env_extra=env)
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert set(read_runs(f"sqlite:///{tmp_path / 'o.db'}")["status"]) == {"FAILED"}
+    assert r.returncode != 0  # every trial failed
