@@ -9,7 +9,7 @@ ARGS   ?=
 SWEEP  ?= model=ae,cae,cvae loss=mse,mse+ssim
 PYTEST_ARGS ?=
 
-.PHONY: help install data run test sweep ui bench clean
+.PHONY: help install data run test sweep report ui bench clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -41,8 +41,12 @@ test: install  ## run the test suite
 sweep: install  ## a sweep: SWEEP=<preset in sweeps/> (e.g. loss_model_grid, optuna) or SWEEP='model=... loss=...'
 	$(PY) -m freqexp --multirun $(if $(findstring =,$(SWEEP)),$(SWEEP),+sweep=$(SWEEP)) $(ARGS)
 
+report: install  ## leaderboard from MLflow (ARGS='--experiment freqexp --sweep-id ... model.name=cae')
+	$(PY) -m freqexp.report --uri $(STORE) $(ARGS)
+
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/filters.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:$(PORT) over the default store
 	$(VENV)/bin/mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT) --workers 1

@@ -1,0 +1,64 @@
+"""The leaderboard: grouping by swept keys, mean/std/n over seeds, ranking by val/auroc only,
+filters, files written."""
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from freqexp.report import main as report_main
+
+
+def make_store(uri):
+    """12 runs: 2 models x 2 losses x 3 seeds, plus a FAILED run and an analysis run to be ignored.
+    val/auroc is chosen so that (cae, mse+ssim) ranks first on val but last on test."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment("grid")
+    val = {("cae", "mse+ssim"): 0.9, ("cae", "mse"): 0.8, ("ae", "mse+ssim"): 0.7, ("ae", "mse"): 0.6}
+    test = {("cae", "mse+ssim"): 0.5, ("cae", "mse"): 0.6, ("ae", "mse+ssim"): 0.7, ("ae", "mse"): 0.8}
+    for (model, loss), seed in itertools.product(val, range(3)):
+        run = client.create_run(exp, tags={"sweep_id": "s1"})
+        params = {"model.name": model, "loss.spec": loss, "seed": str(seed), "loss.weights.mse": "1.0",
+                  "trainer.max_epochs": "5", "data.train_normal": "100"}
+        if "ssim" in loss:
+            params["loss.weights.ssim"] = "1.0"
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric("val/auroc", val[(model, loss)] + 0.01 * seed, 0, 0),
+                                  Metric("test/auroc", test[(model, loss)], 0, 0)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    failed = client.create_run(exp, tags={"sweep_id": "s1"})
+    client.log_batch(failed.info.run_id, params=[Param("model.name", "vae")], metrics=[Metric("val/auroc", 0.99, 0, 0)])
+    client.set_terminated(failed.info.run_id, "FAILED")
+    other = client.create_run(exp, tags={"sweep_id": "s1", "kind": "analysis"})
+    client.log_batch(other.info.run_id, params=[Param("model.name", "zzz")], metrics=[Metric("val/auroc", 0.99, 0, 0)])
+    client.set_terminated(other.info.run_id, "FINISHED")
+    return uri
+
+
+def test_leaderboard_groups_over_seeds_and_ranks_by_validation(tmp_path, capsys):
+    uri = make_store(f"sqlite:///{tmp_path / 'r.db'}")
+    assert report_main(["--uri", uri, "--out", str(tmp_path / "rep")]) == 0
+    board = pd.read_csv(tmp_path / "rep" / "leaderboard.csv")
+    assert list(board["model.name"]) == ["cae", "cae", "ae", "ae"]  # by val/auroc, not test
+    assert list(board["loss.spec"]) == ["mse+ssim", "mse", "mse+ssim", "mse"]
+    assert set(board.columns) >= {"model.name", "loss.spec", "n", "val/auroc mean", "val/auroc std", "test/auroc mean"}
+    assert "loss.weights.ssim" not in board.columns and "seed" not in board.columns  # follow loss.spec / averaged over
+    assert list(board["n"]) == [3, 3, 3, 3]
+    assert board["val/auroc mean"].iloc[0] == pytest.approx(0.91)
+    assert board["val/auroc std"].iloc[0] == pytest.approx(0.01)
+    md = (tmp_path / "rep" / "leaderboard.md").read_text()
+    assert "| 1 | cae | mse+ssim | 3 | 0.9100 ± 0.0100 |" in md
+    assert (tmp_path / "rep" / "heatmap_model_loss.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "12 finished runs in 4 configurations" in out and "model.name=cae, loss.spec=mse+ssim" in out
+
+
+def test_filters_by_param_and_sweep_id(tmp_path):
+    uri = make_store(f"sqlite:///{tmp_path / 'r.db'}")
+    assert report_main(["--uri", uri, "--out", str(tmp_path / "a"), "model.name=ae"]) == 0
+    board = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
+    assert list(board["loss.spec"]) == ["mse+ssim", "mse"] and "model.name" not in board.columns
+    assert report_main(["--uri", uri, "--out", str(tmp_path / "b"), "--sweep-id", "nope"]) == 1
