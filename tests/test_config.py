@@ -29,9 +29,17 @@ def test_every_group_option_composes_and_validates(group, option):
             make_plan(cfg)
         return
     plan = make_plan(cfg)
-    x = torch.rand(2, *plan.shape)
-    out = plan.model(plan.filter(x))
-    assert out["recon"].shape == x.shape
+    # one real training step through the shared LightningModule, and scoring
+    from freqexp.training import ReconstructionModule
+
+    module = ReconstructionModule(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
+                                  optim=dict(cfg.optim), score=dict(cfg.score), max_epochs=1)
+    x = torch.rand(4, *plan.shape)
+    loss = module.training_step(x, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in plan.model.parameters() if p.grad is not None)
+    assert module.anomaly_map(x).shape == (4, 1, *plan.shape[1:])
 
 
 def test_default_config_is_the_card():

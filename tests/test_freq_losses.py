@@ -245,3 +245,17 @@ def test_frequency_terms_combine_with_pixel_terms():
     want = parts["mse"] + 0.5 * parts["fft"] + parts["focal_freq"] + 2.0 * parts["wavelet"]
     assert float(total) == pytest.approx(float(want), rel=1e-6)
     assert float(parts["wavelet"]) == pytest.approx(np_wavelet_l1(p.double().numpy(), t.double().numpy(), "db2", 2), rel=1e-4)
+
+
+def test_every_term_is_finite_with_finite_gradients_under_fp16_autocast():
+    """GPUs train in 16-mixed; CPU autocast in float16 exercises the same casts."""
+    loss = build_loss({"spec": "mse+l1+charbonnier+ssim+gradient+tv+fft+focal_freq+wavelet", "weights": {}, "params": {}}, image_size=(28, 28))
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 1, 28, 28, generator=g).half().requires_grad_(True)
+    t = torch.rand(4, 1, 28, 28, generator=g).half()
+    with torch.autocast("cpu", dtype=torch.float16):
+        total, parts = loss(p, t)
+    total.backward()
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
