@@ -160,6 +160,21 @@ def summary(board: pd.DataFrame, keys: List[str], n_runs: int) -> str:
     return text + f" (n={int(top['n'])})."
 
 
+def write_report(df: pd.DataFrame, out: Path) -> tuple[List[Path], str, pd.DataFrame, List[str]]:
+    """leaderboard.csv/.md, heatmaps and summary.txt for these runs; returns (files, summary, board, keys)."""
+    keys = swept_keys(df)
+    board = leaderboard(df, keys)
+    out.mkdir(parents=True, exist_ok=True)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    (out / "leaderboard.md").write_text(to_markdown(board, keys))
+    figs = [heatmap(board, "model.name", "loss.spec", "val/auroc", out / "heatmap_model_loss.png"),
+            heatmap(board, "model.name", "filter.name", "val/auroc", out / "heatmap_model_filter.png")]
+    text = summary(board, keys, len(df))
+    (out / "summary.txt").write_text(text + "\n")
+    files = [out / "leaderboard.csv", out / "leaderboard.md", out / "summary.txt"] + [f for f in figs if f]
+    return files, text, board, keys
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m freqexp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uri", default="sqlite:///outputs/mlflow.db", help="MLflow tracking URI (default: %(default)s)")
@@ -174,19 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if df.empty:
         print("freqexp.report: no finished runs match", file=sys.stderr)
         return 1
-    keys = swept_keys(df)
-    board = leaderboard(df, keys)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    board.to_csv(out / "leaderboard.csv", index=False)
-    (out / "leaderboard.md").write_text(to_markdown(board, keys))
-    figs = [heatmap(board, "model.name", "loss.spec", "val/auroc", out / "heatmap_model_loss.png"),
-            heatmap(board, "model.name", "filter.name", "val/auroc", out / "heatmap_model_filter.png")]
-    text = summary(board, keys, len(df))
-    (out / "summary.txt").write_text(text + "\n")
+    files, text, board, keys = write_report(df, Path(args.out))
     print(to_markdown(board.head(args.top), keys))
     print(text)
-    print(f"written: {out / 'leaderboard.csv'}, {out / 'leaderboard.md'}" + "".join(f", {f}" for f in figs if f))
+    print("written: " + ", ".join(str(f) for f in files))
     return 0
 
 

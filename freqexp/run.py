@@ -33,6 +33,21 @@ class RunResult:
     output_dir: Path
     tracking_uri: str
     info: Dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # resumed sweep: this config already has a FINISHED run
+
+
+# Keys that do not change what a run computes: left out of the config hash that resume uses.
+NOT_HASHED = ("tracking", "sweep", "hardware")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    import hashlib
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_HASHED:
+        container.pop(key, None)
+    container.get("trainer", {}).pop("progress_bar", None)
+    return hashlib.sha1(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def git_commit() -> str:
@@ -76,16 +91,26 @@ def build_trainer(cfg, plan: Plan, callbacks: list):
     )
 
 
-def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Optional[Dict[str, str]] = None) -> RunResult:
+def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Optional[Dict[str, str]] = None,
+            resume: bool = False) -> RunResult:
     """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
-    exists; once the run is open, any exception ends it FAILED with the error recorded."""
+    exists; once the run is open, any exception ends it FAILED with the error recorded. With
+    `resume`, a config that already has a FINISHED run in the experiment is not run again."""
     plan = make_plan(cfg)  # 1. every value checked, components built
+    from freqexp.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    chash = config_hash(cfg)
+    if resume:
+        done = tracker.find_finished(chash)
+        if done is not None:
+            return RunResult({k: float(v) for k, v in done.data.metrics.items()}, done.info.run_id, output_dir, tracker.uri, skipped=True)
 
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
     from freqexp.data.pseudo import with_expanded_train, with_pseudo_val
-    from freqexp.tracking import Tracker, flatten
+    from freqexp.tracking import flatten
 
     quiet_lightning()
     data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
@@ -97,9 +122,9 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     if data.val.n_anomalous in (0, len(data.val)):
         raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
                            f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(), "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
+    run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
+                "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
     run_id = tracker.start(run_name, run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
@@ -278,7 +303,7 @@ def task(cfg: DictConfig) -> Optional[float]:
         sweep_dir = Path(hc.sweep.dir)
         tags.update({"sweep_id": f"{sweep_dir.parent.name}/{sweep_dir.name}", "sweep_dir": str(sweep_dir.resolve()), "job_num": str(hc.job.num)})
     try:
-        result = execute(cfg, output_dir, run_name=overrides, tags=tags)
+        result = execute(cfg, output_dir, run_name=overrides, tags=tags, resume=multirun and bool(cfg.sweep.resume))
     except FreqexpError as e:
         message = one_line(e)
         write_status(output_dir, status="failed", overrides=overrides, error=message)
@@ -296,7 +321,11 @@ def task(cfg: DictConfig) -> Optional[float]:
             sys.exit(1)
         log.error("job %s (%s) failed: %s (traceback in %s)", hc.job.num, overrides, message, output_dir / "error.txt")
         return None
-    value = result.metrics[OBJECTIVE]
+    value = result.metrics.get(OBJECTIVE)
+    if result.skipped:
+        write_status(output_dir, status="skipped", overrides=overrides, run_id=result.run_id, objective=value)
+        log.info("job %s (%s) skipped: this config already finished as run %s (sweep.resume=false reruns it)", hc.job.num, overrides, result.run_id)
+        return value
     write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
     if multirun:
         log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides, value, result.metrics["test/auroc"])

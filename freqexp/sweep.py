@@ -26,10 +26,13 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 def render(jobs: list[dict], sweep_dir: Path) -> str:
     finished = [j for j in jobs if j["status"] == "finished"]
-    failed = [j for j in jobs if j["status"] != "finished"]
-    lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed ({sweep_dir})"]
-    for j in sorted(finished, key=lambda j: -float(j.get("objective") or 0)):
-        lines.append(f"  ok      val/auroc {float(j['objective']):.4f}  {j['overrides']}")
+    skipped = [j for j in jobs if j["status"] == "skipped"]
+    failed = [j for j in jobs if j["status"] == "failed"]
+    lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed, {len(skipped)} skipped (already finished) ({sweep_dir})"]
+    for j in sorted(finished + skipped, key=lambda j: -float(j.get("objective") or 0)):
+        tag = "ok     " if j["status"] == "finished" else "skipped"
+        objective = f"{float(j['objective']):.4f}" if j.get("objective") is not None else "   ?  "
+        lines.append(f"  {tag} val/auroc {objective}  {j['overrides']}")
     for j in failed:
         lines.append(f"  FAILED  {j['overrides']}: {j.get('error', '?')}")
     return "\n".join(lines)
@@ -40,6 +43,39 @@ def ensure_sqlite_parent(uri) -> None:
     if isinstance(uri, str) and uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_sweep_report(config: DictConfig, jobs: list[dict], sweep_dir: Path) -> None:
+    """The leaderboard of the sweep's runs (finished now, or skipped because they finished
+    before) in <sweep dir>/report/; with sweep.summary_run=true also one MLflow run per sweep
+    (tag kind=sweep_summary) holding it and the job table."""
+    import mlflow
+
+    from freqexp.report import write_report
+    from freqexp.tracking import Tracker
+
+    run_ids = [j["run_id"] for j in jobs if j.get("run_id") and j["status"] in ("finished", "skipped")]
+    tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+    files = [sweep_dir / "sweep_summary.json"]
+    text = ""
+    if run_ids:
+        mlflow.set_tracking_uri(tracker.uri)
+        ids = ", ".join(f"'{r}'" for r in run_ids)
+        df = mlflow.search_runs(experiment_ids=[tracker.experiment_id], filter_string=f"attributes.run_id IN ({ids})")
+        report_files, text, _, _ = write_report(df, sweep_dir / "report")
+        files += report_files
+        print(f"leaderboard: {sweep_dir / 'report' / 'leaderboard.md'}")
+    if not config.get("sweep", {}).get("summary_run", False):
+        return
+    sweep_id = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+    counts = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "failed", "skipped")}
+    tracker.start(f"sweep:{sweep_id}", {"kind": "sweep_summary", "sweep_id": sweep_id, "sweep_dir": str(sweep_dir.resolve()),
+                                         "summary": text[:5000]})
+    try:
+        tracker.log_metrics({f"sweep/{k}": v for k, v in counts.items()})
+        tracker.log_artifacts(files)
+    finally:
+        tracker.end("FINISHED")
 
 
 class SweepSummary(Callback):
@@ -53,5 +89,9 @@ class SweepSummary(Callback):
             return
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(jobs, indent=2))
         print(render(jobs, sweep_dir), flush=True)
-        if all(j["status"] != "finished" for j in jobs):
+        try:
+            write_sweep_report(config, jobs, sweep_dir)
+        except Exception as e:  # the jobs' own runs are already safe; say so and go on
+            log.warning("could not write the sweep's leaderboard: %s", e)
+        if all(j["status"] == "failed" for j in jobs):
             sys.exit(1)

@@ -75,6 +75,12 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def find_finished(self, config_hash: str):
+        """The newest FINISHED run of this experiment with this config hash, or None."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+                                       max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
     def start(self, run_name: str, tags: Mapping[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self.run_id = run.info.run_id

@@ -264,3 +264,26 @@ def test_a_failed_optuna_trial_is_recorded_failed_and_the_study_goes_on(tmp_path
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert set(read_runs(f"sqlite:///{tmp_path / 'o.db'}")["status"]) == {"FAILED"}
     assert r.returncode != 0  # every trial failed
+
+
+def test_resume_skips_finished_configs_and_summary_run_holds_the_leaderboard(tmp_path):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    args = ["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "model=cae,ae", f"tracking.uri={db}"]
+    first = cli(args + ["sweep.summary_run=true"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = read_runs(db)
+    jobs = runs[runs["tags.kind"].isna()]
+    assert len(jobs) == 2 and set(jobs["tags.config_hash"].str.len()) == {16}
+    summary = runs[runs["tags.kind"] == "sweep_summary"]
+    assert len(summary) == 1
+    arts = {a.path for a in MlflowClient(db).list_artifacts(summary["run_id"].iloc[0])}
+    assert {"leaderboard.csv", "leaderboard.md", "sweep_summary.json"} <= arts
+
+    again = cli(args, cwd=tmp_path)  # same sweep: nothing new runs
+    assert again.returncode == 0
+    assert "0 finished, 0 failed, 2 skipped" in again.stdout
+    assert len(read_runs(db)) == 3
+
+    forced = cli(args + ["sweep.resume=false"], cwd=tmp_path)
+    assert forced.returncode == 0 and "2 finished, 0 failed, 0 skipped" in forced.stdout
+    assert len(read_runs(db)) == 5
