@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 from hydra.core.object_type import ObjectType
-from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigResult, ConfigLoadError, ConfigSource
 from omegaconf import OmegaConf
 
@@ -148,8 +147,8 @@ def known_terms() -> str:
 
 
 def register() -> None:
-    Plugins.instance().register(LossSpecSource)
-    Plugins.instance().register(SweepPresetSource)
+    """OmegaConf resolvers used by the help text. The config sources themselves are registered
+    by Hydra's plugin discovery (hydra_plugins/freqexp_sources.py), in every process."""
     if not OmegaConf.has_resolver("freqexp_sweep_presets"):
         OmegaConf.register_new_resolver("freqexp_sweep_presets", lambda: ", ".join(sweep_presets()))
     # `--help` lists groups without the primary config's search path, so the help text

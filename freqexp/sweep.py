@@ -81,6 +81,12 @@ def write_sweep_report(config: DictConfig, jobs: list[dict], sweep_dir: Path) ->
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         ensure_sqlite_parent(config.hydra.sweeper.get("storage"))
+        try:  # create the store and experiment once, before parallel jobs race to
+            from freqexp.tracking import Tracker
+
+            Tracker(config.tracking.uri, config.tracking.experiment)
+        except Exception as e:  # a bad URI is each job's one-line error; do not fail here
+            log.debug("store not prepared: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

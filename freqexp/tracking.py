@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -45,13 +46,31 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
 
 
+@contextmanager
+def store_lock(uri: str):
+    """Serialize opening a sqlite store across processes: MLflow creates and migrates the schema
+    on first use, and parallel sweep jobs doing that at once corrupt it."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    with open(uri[len("sqlite:///"):] + ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+        with store_lock(self.uri):  # the client creates (and migrates) the store
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment)
         self.run_id: Optional[str] = None
 
     def _artifact_root(self, experiment: str) -> Optional[str]:

@@ -266,6 +266,17 @@ def test_a_failed_optuna_trial_is_recorded_failed_and_the_study_goes_on(tmp_path
     assert r.returncode != 0  # every trial failed
 
 
+def test_parallel_jobs_with_the_joblib_launcher_share_one_store(tmp_path):
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    r = cli(["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset=synthetic", "trainer.max_epochs=1",
+             "trainer.progress_bar=false", "model=cae,ae", "loss=mse,mse+ssim", f"tracking.uri={db}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 finished, 0 failed" in r.stdout
+    runs = read_runs(db)
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"} and runs["tags.sweep_id"].nunique() == 1
+    assert all(len(pd_params) > 30 for pd_params in [runs.filter(like="params.").iloc[i].dropna() for i in range(4)])
+
+
 def test_resume_skips_finished_configs_and_summary_run_holds_the_leaderboard(tmp_path):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     args = ["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "model=cae,ae", f"tracking.uri={db}"]
