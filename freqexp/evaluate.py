@@ -82,6 +82,7 @@ def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) 
         "test/auroc": roc_auc(test.scores, test.labels),
         "test/ap": average_precision(test.scores, test.labels),
         "test/throughput": len(test.scores) / max(test.seconds, 1e-9),
+        "val/throughput": len(val.scores) / max(val.seconds, 1e-9),
     }
     m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
     m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold, for reference only

@@ -23,7 +23,6 @@ from freqexp.validate import Plan, make_plan
 
 log = logging.getLogger("freqexp")
 STATUS_FILE = "job_status.json"
-OBJECTIVE = "val/auroc"
 
 
 @dataclass
@@ -287,8 +286,17 @@ def write_status(output_dir: Path, **fields) -> None:
     (output_dir / STATUS_FILE).write_text(json.dumps(fields, indent=2, default=str))
 
 
-def task(cfg: DictConfig) -> Optional[float]:
-    """The Hydra task: returns val/auroc (the sweep objective), or None for a failed sweep job:
+def objective_value(cfg: DictConfig, metrics: Dict[str, float]):
+    """sweep.objective: one value, or a tuple for a multi-objective sweeper."""
+    from freqexp.validate import objectives
+
+    values = tuple(float(metrics[k]) if k in metrics else None for k in objectives(cfg))
+    return values[0] if len(values) == 1 else values
+
+
+def task(cfg: DictConfig):
+    """The Hydra task: returns the sweep objective (sweep.objective, val/auroc by default; a tuple
+    for several), or None for a failed sweep job:
     Optuna (5.x) refuses NaN, and hydra-optuna-sweeper records a trial whose return value is not
     a number as FAILED and goes on (with max_failure_rate: 1.0, as in sweeps/optuna.yaml)."""
     from hydra.core.hydra_config import HydraConfig
@@ -321,14 +329,14 @@ def task(cfg: DictConfig) -> Optional[float]:
             sys.exit(1)
         log.error("job %s (%s) failed: %s (traceback in %s)", hc.job.num, overrides, message, output_dir / "error.txt")
         return None
-    value = result.metrics.get(OBJECTIVE)
+    value = objective_value(cfg, result.metrics)
     if result.skipped:
         write_status(output_dir, status="skipped", overrides=overrides, run_id=result.run_id, objective=value)
         log.info("job %s (%s) skipped: this config already finished as run %s (sweep.resume=false reruns it)", hc.job.num, overrides, result.run_id)
         return value
     write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
     if multirun:
-        log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides, value, result.metrics["test/auroc"])
+        log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides, result.metrics["val/auroc"], result.metrics["test/auroc"])
     else:
         print(summary(cfg, result))
     return value

@@ -24,15 +24,20 @@ def collect(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
-def render(jobs: list[dict], sweep_dir: Path) -> str:
+def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
     finished = [j for j in jobs if j["status"] == "finished"]
     skipped = [j for j in jobs if j["status"] == "skipped"]
     failed = [j for j in jobs if j["status"] == "failed"]
     lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed, {len(skipped)} skipped (already finished) ({sweep_dir})"]
-    for j in sorted(finished + skipped, key=lambda j: -float(j.get("objective") or 0)):
+    def first(j):
+        value = j.get("objective")
+        value = value[0] if isinstance(value, list) else value
+        return float(value) if value is not None else float("-inf")
+
+    for j in sorted(finished + skipped, key=lambda j: -first(j)):
         tag = "ok     " if j["status"] == "finished" else "skipped"
-        objective = f"{float(j['objective']):.4f}" if j.get("objective") is not None else "   ?  "
-        lines.append(f"  {tag} val/auroc {objective}  {j['overrides']}")
+        objective = f"{first(j):.4f}" if first(j) != float("-inf") else "   ?  "
+        lines.append(f"  {tag} {label} {objective}  {j['overrides']}")
     for j in failed:
         lines.append(f"  FAILED  {j['overrides']}: {j.get('error', '?')}")
     return "\n".join(lines)
@@ -80,6 +85,14 @@ def write_sweep_report(config: DictConfig, jobs: list[dict], sweep_dir: Path) ->
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from freqexp.errors import ConfigError
+        from freqexp.validate import objectives
+
+        try:  # a bad objective would fail every job: say it once, before any starts
+            objectives(config)
+        except ConfigError as e:
+            print(f"freqexp: error: {e}", file=sys.stderr)
+            sys.exit(2)
         ensure_sqlite_parent(config.hydra.sweeper.get("storage"))
         try:  # create the store and experiment once, before parallel jobs race to
             from freqexp.tracking import Tracker
@@ -94,7 +107,9 @@ class SweepSummary(Callback):
         if not jobs:
             return
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(jobs, indent=2))
-        print(render(jobs, sweep_dir), flush=True)
+        objective = config.get("sweep", {}).get("objective", "val/auroc")
+        label = objective if isinstance(objective, str) else str(list(objective)[0])
+        print(render(jobs, sweep_dir, label), flush=True)
         try:
             write_sweep_report(config, jobs, sweep_dir)
         except Exception as e:  # the jobs' own runs are already safe; say so and go on

@@ -89,6 +89,23 @@ def resolve_hardware(hw) -> Hardware:
     return Hardware(accelerator, precision, torch.device("cuda" if accelerator == "gpu" else "cpu"))
 
 
+# What a sweep may optimize: validation and speed metrics. Test metrics are reported, never optimized.
+OBJECTIVE_METRICS = ("val/auroc", "val/ap", "val/f1", "val/throughput", "train/throughput", "sys/peak_memory_mb")
+
+
+def objectives(cfg) -> list[str]:
+    value = cfg.get("sweep", {}).get("objective", "val/auroc")
+    keys = [value] if isinstance(value, str) else list(value or [])
+    for key in keys:
+        if isinstance(key, str) and key.startswith("test/"):
+            raise ConfigError("sweep.objective", f"{key} is a test metric: the test split is only reported; optimize one of {', '.join(OBJECTIVE_METRICS)}")
+        if key not in OBJECTIVE_METRICS:
+            raise ConfigError("sweep.objective", f"no run logs {key!r}; use one of {', '.join(OBJECTIVE_METRICS)} (or a list of them)")
+    if not keys:
+        raise ConfigError("sweep.objective", f"give at least one of {', '.join(OBJECTIVE_METRICS)}")
+    return keys
+
+
 def make_plan(cfg) -> Plan:
     import lightning.pytorch as L
 
@@ -122,6 +139,7 @@ def make_plan(cfg) -> Plan:
     if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment", f"must be a non-empty name; got {cfg.tracking.experiment!r}")
     _bool("tracking.log_images", cfg.tracking.log_images)
+    objectives(cfg)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
     shape = dataset_shape(cfg.dataset)
     hardware = resolve_hardware(cfg.hardware)

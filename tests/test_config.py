@@ -111,6 +111,8 @@ def test_cpu_rejects_fp16_mixed():
         ("trainer.val_every_n_epochs=3", "trainer.val_every_n_epochs"),  # does not divide max_epochs=20
         ("loss.params.ssim.sigma=abc", "loss.params.ssim.sigma"),
         ("tracking.experiment=''", "tracking.experiment"),
+        ("sweep.objective=test/auroc", "sweep.objective"),
+        ("sweep.objective=val/nope", "sweep.objective"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(override, key):

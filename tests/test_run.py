@@ -298,3 +298,25 @@ def test_resume_skips_finished_configs_and_summary_run_holds_the_leaderboard(tmp
     forced = cli(args + ["sweep.resume=false"], cwd=tmp_path)
     assert forced.returncode == 0 and "2 finished, 0 failed, 0 skipped" in forced.stdout
     assert len(read_runs(db)) == 5
+
+
+def test_multi_objective_preset_returns_both_objectives(tmp_path):
+    import optuna
+
+    r = cli(["--multirun", "+sweep=optuna_multi", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "hydra.sweeper.n_trials=2", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = optuna.load_study(study_name="freqexp_multi_synthetic", storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    runs = read_runs(f"sqlite:///{tmp_path / 'm.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        auroc, speed = t.values
+        assert 0 <= auroc <= 1 and speed > 10  # images/s
+        assert auroc in set(runs["metrics.val/auroc"])
+
+
+def test_a_test_metric_objective_stops_the_sweep_before_any_job(tmp_path):
+    r = cli(["--multirun", "dataset=synthetic", "model=ae,cae", "sweep.objective=test/auroc",
+             f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "freqexp: error: sweep.objective: test/auroc is a test metric" in r.stderr
+    assert not list(tmp_path.glob("outputs/multiruns/*/*/0/job_status.json"))
