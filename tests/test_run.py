@@ -320,3 +320,24 @@ def test_a_test_metric_objective_stops_the_sweep_before_any_job(tmp_path):
              f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "freqexp: error: sweep.objective: test/auroc is a test metric" in r.stderr
     assert not list(tmp_path.glob("outputs/multiruns/*/*/0/job_status.json"))
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    r = cli(["--multirun", "hydra/launcher=local", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "model=cae,ae", f"tracking.uri={db}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 finished, 0 failed" in r.stdout
+    runs = read_runs(db)
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    assert list(tmp_path.glob("outputs/multiruns/*/*/.submitit/*"))  # submitit's own job folders
+
+
+def test_slurm_launcher_preset_composes_with_cluster_settings():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism, launcher.timeout_min) == ("gpu", 1, 16, 120)
