@@ -93,7 +93,17 @@ class SweepSummary(Callback):
         except ConfigError as e:
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
-        ensure_sqlite_parent(config.hydra.sweeper.get("storage"))
+        storage = config.hydra.sweeper.get("storage")
+        ensure_sqlite_parent(storage)
+        try:  # an unreachable study database or tracking server: one line, before any job
+            from freqexp.tracking import check_reachable, resolve_uri
+
+            if isinstance(storage, str):
+                check_reachable(storage, "hydra.sweeper.storage")
+            resolve_uri(config.tracking.uri)
+        except ConfigError as e:
+            print(f"freqexp: error: {e}", file=sys.stderr)
+            sys.exit(2)
         try:  # create the store and experiment once, before parallel jobs race to
             from freqexp.tracking import Tracker
 

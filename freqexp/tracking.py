@@ -28,7 +28,28 @@ def resolve_uri(uri: str) -> str:
         return uri
     if "://" not in uri or uri.startswith("file:"):
         raise ConfigError("tracking.uri", f"{uri!r} is a file store, which mlflow 3 rejects; use sqlite:///PATH.db (or an http(s):// or postgresql:// server)")
+    check_reachable(uri, "tracking.uri")
     return uri
+
+
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "http": 80, "https": 443}
+
+
+def check_reachable(uri: str, key: str, timeout: float = 3.0) -> None:
+    """A server URI whose host does not answer fails now, in one line, instead of after the
+    minutes of retries MLflow and SQLAlchemy would spend."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        return
+    port = parts.port or DEFAULT_PORTS[scheme]
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(key, f"cannot reach {scheme} server at {parts.hostname}:{port} ({e.strerror or e}); start it or fix the URI") from None
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:

@@ -156,6 +156,8 @@ def test_help_lists_groups_and_their_options(tmp_path):
         (["dataset=synthetic", "dataset.image_size=6", "loss=mse+ssim"], "loss"),
         (["hardware=cpu", "hardware.precision=16-mixed"], "hardware.precision"),
         (["tracking.uri=./mlruns"], "tracking.uri"),
+        (["tracking.uri=postgresql://u@127.0.0.1:1/x"], "tracking.uri"),
+        (["tracking.uri=http://127.0.0.1:1"], "tracking.uri"),
     ],
 )
 def test_cli_bad_input_is_one_line_no_traceback_no_run(tmp_path, args, key):

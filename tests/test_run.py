@@ -315,6 +315,13 @@ def test_multi_objective_preset_returns_both_objectives(tmp_path):
         assert auroc in set(runs["metrics.val/auroc"])
 
 
+def test_an_unreachable_study_database_stops_the_sweep_in_one_line(tmp_path):
+    r = cli(["--multirun", "+sweep=optuna", "dataset=synthetic", "hydra.sweeper.storage=postgresql://u@127.0.0.1:1/x",
+             f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("freqexp: error: hydra.sweeper.storage: cannot reach postgresql server at 127.0.0.1:1")
+
+
 def test_a_test_metric_objective_stops_the_sweep_before_any_job(tmp_path):
     r = cli(["--multirun", "dataset=synthetic", "model=ae,cae", "sweep.objective=test/auroc",
              f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=120)
