@@ -140,10 +140,15 @@ def test_help_lists_groups_and_their_options(tmp_path):
     for group in GROUPS + ["loss"]:
         assert f"{group}:" in out
     for option in ["ae, cae, cvae", "fashion_mnist, synthetic", "auto, cpu, gpu", "flip_rot, freq_cutpaste, noise, none",
-                   "bhpf, blpf, dct, dwt, fft", "fair_ablation, filter_grid, loss_model_grid, optuna, seeds"]:
+                   "bhpf, blpf, dct, dwt, fft"]:
         assert option in out
     for term in LOSS_TERMS.names():
         assert term in out
+    from freqexp.conf_source import sweep_presets
+
+    presets = sweep_presets()
+    assert {"loss_model_grid", "filter_grid", "fair_ablation", "seeds", "optuna", "optuna_multi"} <= set(presets)
+    assert "sweep presets (python -m freqexp -m +sweep=NAME): " + ", ".join(presets) in out
     assert "--multirun" in out
 
 
