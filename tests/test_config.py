@@ -20,8 +20,12 @@ def options(group):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_group_option_composes_and_validates(group, option):
+def test_every_group_option_composes_and_validates(group, option, tmp_path):
     overrides = [f"{group}={option}"] + (["dataset=synthetic"] if group != "dataset" else [])
+    if option == "mnist_idx":  # needs a folder of IDX files
+        from tests.test_mnist_idx import write_set
+
+        overrides.append(f"dataset.root={write_set(tmp_path)}")
     cfg = compose_cfg(overrides)
     assert cfg[group] is not None
     if group == "hardware" and option == "gpu" and not torch.cuda.is_available():
@@ -139,7 +143,7 @@ def test_help_lists_groups_and_their_options(tmp_path):
     out = r.stdout
     for group in GROUPS + ["loss"]:
         assert f"{group}:" in out
-    for option in ["ae, cae, cvae", "fashion_mnist, synthetic", "auto, cpu, gpu", "flip_rot, freq_cutpaste, noise, none",
+    for option in ["ae, cae, cvae", "fashion_mnist, mnist_idx, synthetic", "auto, cpu, gpu", "flip_rot, freq_cutpaste, noise, none",
                    "bhpf, blpf, dct, dwt, fft"]:
         assert option in out
     for term in LOSS_TERMS.names():

@@ -97,23 +97,47 @@ def stratified_subset(labels: torch.Tensor, limit: int, seed: int) -> torch.Tens
     return torch.cat(keep).sort().values
 
 
+def check_protocol(cfg) -> None:
+    """The one-class protocol's own keys, shared by every class-labelled dataset."""
+    vf = cfg.val_fraction
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
+        raise ConfigError("dataset.val_fraction", f"must be a number in (0, 1); got {vf!r}")
+    if cfg.get("val_anomalies", "classes") not in ("classes", "pseudo"):
+        raise ConfigError("dataset.val_anomalies", f"must be classes (other classes of the train split) or pseudo (CutPaste-family images of held-out normals); got {cfg.val_anomalies!r}")
+    ar = cfg.val_anomaly_ratio
+    if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not ar > 0:
+        raise ConfigError("dataset.val_anomaly_ratio", f"must be a number > 0; got {ar!r}")
+    for key, low in (("limit_train", 1), ("limit_test", 10)):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ConfigError(f"dataset.{key}", f"must be null or an integer >= {low}; got {v}")
+
+
+def class_protocol(train_x, train_y, test_x, test_y, normal: list[int], cfg, class_names, root: str) -> OneClassData:
+    """train: normal classes minus a held-out part; val: held-out normals + other-class images of
+    the train split; test: the whole test split (or a stratified limit_test subset)."""
+    normal_t = torch.tensor(normal)
+    tr, val_n, val_a = one_class_split(
+        train_y, torch.isin(train_y, normal_t), cfg.val_fraction, cfg.val_anomaly_ratio, cfg.limit_train, cfg.split_seed
+    )
+    val_idx = torch.cat([val_n, val_a])
+    if cfg.get("limit_test") is not None and cfg.limit_test < len(test_y):
+        keep = stratified_subset(test_y, cfg.limit_test, cfg.split_seed)
+        test_x, test_y = test_x[keep], test_y[keep]
+    return OneClassData(
+        train=Split(train_x[tr], torch.zeros(len(tr), dtype=torch.long)),
+        val=Split(train_x[val_idx], (~torch.isin(train_y[val_idx], normal_t)).long()),
+        test=Split(test_x, (~torch.isin(test_y, normal_t)).long()),
+        info={"root": root, "normal_classes": [class_names(i) for i in normal], "test_classes": test_y},
+    )
+
+
 @DATASETS.register("fashion_mnist")
 class FashionMNIST:
     @staticmethod
     def check(cfg) -> None:
         normal_classes(cfg)
-        vf = cfg.val_fraction
-        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
-            raise ConfigError("dataset.val_fraction", f"must be a number in (0, 1); got {vf!r}")
-        if cfg.get("val_anomalies", "classes") not in ("classes", "pseudo"):
-            raise ConfigError("dataset.val_anomalies", f"must be classes (other classes of the train split) or pseudo (CutPaste-family images of held-out normals); got {cfg.val_anomalies!r}")
-        ar = cfg.val_anomaly_ratio
-        if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not ar > 0:
-            raise ConfigError("dataset.val_anomaly_ratio", f"must be a number > 0; got {ar!r}")
-        for key, low in (("limit_train", 1), ("limit_test", 10)):
-            v = cfg.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-                raise ConfigError(f"dataset.{key}", f"must be null or an integer >= {low}; got {v}")
+        check_protocol(cfg)
         if cfg.root is not None and not os.path.isdir(os.path.expanduser(str(cfg.root))):
             raise ConfigError("dataset.root", f"{cfg.root} is not a directory; set it to the folder holding the IDX files or null to search the defaults")
 
@@ -125,27 +149,8 @@ class FashionMNIST:
     def load(cfg) -> OneClassData:
         directory = locate(cfg.root)
         a = load_arrays(directory)
-        normal = torch.tensor(normal_classes(cfg))
-        train_x = torch.from_numpy(a["train_images"]).unsqueeze(1)
-        train_y = torch.from_numpy(a["train_labels"]).long()
-        test_x = torch.from_numpy(a["test_images"]).unsqueeze(1)
-        test_y = torch.from_numpy(a["test_labels"]).long()
-
-        tr, val_n, val_a = one_class_split(
-            train_y, torch.isin(train_y, normal), cfg.val_fraction, cfg.val_anomaly_ratio, cfg.limit_train, cfg.split_seed
-        )
-        val_idx = torch.cat([val_n, val_a])
-        if cfg.get("limit_test") is not None and cfg.limit_test < len(test_y):
-            keep = stratified_subset(test_y, cfg.limit_test, cfg.split_seed)
-            test_x, test_y = test_x[keep], test_y[keep]
-        test_labels = (~torch.isin(test_y, normal)).long()
-        return OneClassData(
-            train=Split(train_x[tr], torch.zeros(len(tr), dtype=torch.long)),
-            val=Split(train_x[val_idx], (~torch.isin(train_y[val_idx], normal)).long()),
-            test=Split(test_x, test_labels),
-            info={
-                "root": str(directory),
-                "normal_classes": [CLASSES[i] for i in normal.tolist()],
-                "test_classes": test_y,  # per-image class, for per-class breakdowns
-            },
+        return class_protocol(
+            torch.from_numpy(a["train_images"]).unsqueeze(1), torch.from_numpy(a["train_labels"]).long(),
+            torch.from_numpy(a["test_images"]).unsqueeze(1), torch.from_numpy(a["test_labels"]).long(),
+            normal_classes(cfg), cfg, lambda i: CLASSES[i], str(directory),
         )
