@@ -60,8 +60,7 @@ def plain_loop(plan, cfg, images, epochs: int) -> float:
 
 
 def freqexp_path(plan, cfg, data, epochs: int) -> float:
-    module = ReconstructionModule(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
-                                  optim=dict(cfg.optim), score=dict(cfg.score), max_epochs=epochs)
+    module = ReconstructionModule.from_plan(plan, cfg, max_epochs=epochs)
     warm = TrainTimer()
     trainer = build_trainer(cfg, plan, [warm])
     train = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)

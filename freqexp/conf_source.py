@@ -36,34 +36,42 @@ def loss_node(spec: str) -> dict:
     }
 
 
-class LossSpecSource(ConfigSource):
-    @staticmethod
-    def scheme() -> str:
-        return SCHEME
+class OneGroupSource(ConfigSource):
+    """A config source that serves one config group: the root lists the group, `group/<option>`
+    is a config when `accepts(option)`. Subclasses give the group, options and nodes."""
+
+    group: str
+
+    def options(self) -> List[str]:
+        raise NotImplementedError
+
+    def accepts(self, option: str) -> bool:
+        raise NotImplementedError
+
+    def node(self, option: str) -> tuple[object, str]:
+        """(config node, its package) for an accepted option."""
+        raise NotImplementedError
 
     def _option(self, config_path: str) -> Optional[str]:
         path = self._normalize_file_name(config_path.strip("/"))
-        if not path.startswith(GROUP + "/") or not path.endswith(".yaml"):
+        if not path.startswith(self.group + "/"):
             return None
-        option = path[len(GROUP) + 1 : -len(".yaml")]
-        return option if option and "/" not in option else None
+        option = path[len(self.group) + 1 : -len(".yaml")]
+        return option if option and "/" not in option and self.accepts(option) else None
 
     def load_config(self, config_path: str) -> ConfigResult:
         option = self._option(config_path)
         if option is None:
-            raise ConfigLoadError(f"{SCHEME} serves only {GROUP}/<spec>, not {config_path}")
-        return ConfigResult(
-            config=OmegaConf.create(loss_node(option)),
-            path=f"{SCHEME}://{self.path}",
-            provider=self.provider,
-            header={"package": GROUP},
-        )
+            raise ConfigLoadError(f"{self.scheme()} has no {config_path}; {self.group} options: {', '.join(self.options())}")
+        config, package = self.node(option)
+        return ConfigResult(config=OmegaConf.create(config), path=f"{self.scheme()}://{self.path}",
+                            provider=self.provider, header={"package": package})
 
     def available(self) -> bool:
         return True
 
     def is_group(self, config_path: str) -> bool:
-        return config_path.strip("/") in ("", GROUP)  # "" is the root, which holds the group
+        return config_path.strip("/") in ("", self.group)  # "" is the root, which holds the group
 
     def is_config(self, config_path: str) -> bool:
         return self._option(config_path) is not None
@@ -71,12 +79,29 @@ class LossSpecSource(ConfigSource):
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
         path = config_path.strip("/")
         if path == "":  # the root lists the group itself
-            return [GROUP] if results_filter in (None, ObjectType.GROUP) else []
-        if path != GROUP or results_filter == ObjectType.GROUP:
+            return [self.group] if results_filter in (None, ObjectType.GROUP) else []
+        if path != self.group or results_filter == ObjectType.GROUP:
             return []
+        return self.options()
+
+
+class LossSpecSource(OneGroupSource):
+    group = GROUP
+
+    @staticmethod
+    def scheme() -> str:
+        return SCHEME
+
+    def options(self) -> List[str]:
         from freqexp.losses.terms import LOSS_TERMS
 
         return LOSS_TERMS.names() + ["mse+ssim"]
+
+    def accepts(self, option: str) -> bool:
+        return True  # any spec composes; validation names unknown terms
+
+    def node(self, option: str):
+        return loss_node(option), GROUP
 
 
 SWEEP_GROUP = "sweep"
@@ -94,50 +119,25 @@ def sweep_presets() -> List[str]:
     return sorted(p.name[: -len(".yaml")] for p in _sweep_files().iterdir() if p.name.endswith(".yaml"))
 
 
-class SweepPresetSource(ConfigSource):
+class SweepPresetSource(OneGroupSource):
     """Serves `sweep/<name>` from the yaml files of sweeps/, so `+sweep=<name>` picks a preset.
     sweeps/ sits at the top of the repo (not in conf/) and ships inside the package."""
+
+    group = SWEEP_GROUP
 
     @staticmethod
     def scheme() -> str:
         return SWEEP_SCHEME
 
-    def _option(self, config_path: str) -> Optional[str]:
-        path = self._normalize_file_name(config_path.strip("/"))
-        if not path.startswith(SWEEP_GROUP + "/"):
-            return None
-        option = path[len(SWEEP_GROUP) + 1 : -len(".yaml")]
-        return option if option in sweep_presets() else None
-
-    def load_config(self, config_path: str) -> ConfigResult:
-        option = self._option(config_path)
-        if option is None:
-            raise ConfigLoadError(f"no sweep preset {config_path}; presets: {', '.join(sweep_presets())}")
-        text = (_sweep_files() / f"{option}.yaml").read_text()
-        header = self._get_header_dict(text)
-        return ConfigResult(
-            config=OmegaConf.create(text),
-            path=f"{SWEEP_SCHEME}://{self.path}",
-            provider=self.provider,
-            header={"package": header.get("package") or SWEEP_GROUP},
-        )
-
-    def available(self) -> bool:
-        return True
-
-    def is_group(self, config_path: str) -> bool:
-        return config_path.strip("/") in ("", SWEEP_GROUP)
-
-    def is_config(self, config_path: str) -> bool:
-        return self._option(config_path) is not None
-
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
-        path = config_path.strip("/")
-        if path == "":
-            return [SWEEP_GROUP] if results_filter in (None, ObjectType.GROUP) else []
-        if path != SWEEP_GROUP or results_filter == ObjectType.GROUP:
-            return []
+    def options(self) -> List[str]:
         return sweep_presets()
+
+    def accepts(self, option: str) -> bool:
+        return option in sweep_presets()
+
+    def node(self, option: str):
+        text = (_sweep_files() / f"{option}.yaml").read_text()
+        return text, self._get_header_dict(text).get("package") or SWEEP_GROUP
 
 
 def known_terms() -> str:

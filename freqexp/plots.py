@@ -12,7 +12,8 @@ import torch  # noqa: E402
 from freqexp.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; every freqexp plot ends here."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -41,7 +42,7 @@ def reconstruction_grid(inputs, recons, maps, labels, scores, path: Path) -> Pat
         axes[0, i].set_title(("anom" if int(labels[i]) else "norm") + f"\n{float(scores[i]):.3g}", fontsize=7)
     for ax, name in zip(axes[:, 0], ("input", "recon", "error")):
         ax.set_ylabel(name, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def roc_plot(scores, labels, auroc: float, path: Path) -> Path:
@@ -51,7 +52,7 @@ def roc_plot(scores, labels, auroc: float, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pr_plot(scores, labels, ap: float, path: Path) -> Path:
@@ -62,7 +63,7 @@ def pr_plot(scores, labels, ap: float, path: Path) -> Path:
     ax.axhline(base, color="k", ls="--", lw=0.8, label=f"chance {base:.2f}")
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (test)", ylim=(0, 1.02))
     ax.legend(loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_histogram(scores, labels, threshold: float, path: Path) -> Path:
@@ -74,4 +75,4 @@ def score_histogram(scores, labels, threshold: float, path: Path) -> Path:
     ax.axvline(threshold, color="k", ls="--", lw=0.8, label="threshold (val)")
     ax.set(xlabel="anomaly score", ylabel="density", title="Test scores")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

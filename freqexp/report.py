@@ -125,10 +125,7 @@ def heatmap(board: pd.DataFrame, rows: str, cols: str, metric: str, path: Path) 
     table = board.groupby([rows, cols])[f"{metric} mean"].max().unstack(cols)
     if table.size < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from freqexp.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * table.shape[1], 1.2 + 0.55 * table.shape[0]))
     im = ax.imshow(table.values, cmap="viridis", aspect="auto")
@@ -141,10 +138,7 @@ def heatmap(board: pd.DataFrame, rows: str, cols: str, metric: str, path: Path) 
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w" if v < table.values[table.values == table.values].mean() else "k", fontsize=8)
     ax.set(xlabel=cols, ylabel=rows, title=f"{metric} (best over other keys)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary(board: pd.DataFrame, keys: List[str], n_runs: int) -> str:

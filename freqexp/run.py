@@ -19,10 +19,10 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from freqexp.errors import FreqexpError
+from freqexp.sweep import STATUS_FILE
 from freqexp.validate import Plan, make_plan
 
 log = logging.getLogger("freqexp")
-STATUS_FILE = "job_status.json"
 
 
 @dataclass
@@ -141,11 +141,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         data = data.to(device)  # 3. the whole dataset lives on the training device
         from freqexp.training import BestWeights, EpochMetricsLogger, ReconstructionModule, TrainTimer
 
-        module = ReconstructionModule(
-            plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
-            optim=OmegaConf.to_container(cfg.optim), score=OmegaConf.to_container(cfg.score),
-            max_epochs=cfg.trainer.max_epochs, nan_guard=cfg.trainer.nan_guard,
-        )
+        module = ReconstructionModule.from_plan(plan, cfg)
         timer = TrainTimer()
         callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
         best = BestWeights() if cfg.trainer.restore_best else None

@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-STATUS_FILE = "job_status.json"  # written by freqexp.run.task
+STATUS_FILE = "job_status.json"  # one per job dir, written by freqexp.run.task
 log = logging.getLogger("freqexp")
 
 

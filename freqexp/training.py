@@ -43,6 +43,16 @@ class ReconstructionModule(L.LightningModule):
         self._val_scores: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
 
+    @classmethod
+    def from_plan(cls, plan, cfg, max_epochs: Optional[int] = None) -> "ReconstructionModule":
+        """The module for a validated plan (freqexp.validate.make_plan) and its config."""
+        from omegaconf import OmegaConf
+
+        return cls(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
+                   optim=OmegaConf.to_container(cfg.optim), score=OmegaConf.to_container(cfg.score),
+                   max_epochs=cfg.trainer.max_epochs if max_epochs is None else max_epochs,
+                   nan_guard=cfg.trainer.nan_guard)
+
     # -- data arrives as uint8 on the device; convert there, batched
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, (tuple, list)):

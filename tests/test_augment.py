@@ -362,8 +362,7 @@ def test_every_augment_option_composes_and_trains_one_step(option, synthetic):
     cfg = compose_cfg(["dataset=synthetic", f"augment={option}"])
     assert cfg.augment.name == option
     plan = make_plan(cfg)
-    module = ReconstructionModule(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
-                                  optim=cfg.optim, score=cfg.score, max_epochs=1)
+    module = ReconstructionModule.from_plan(plan, cfg, max_epochs=1)
     module.train()
     images = synthetic.train.images[:8]
     if option == "flip_rot":

@@ -36,8 +36,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     # one real training step through the shared LightningModule, and scoring
     from freqexp.training import ReconstructionModule
 
-    module = ReconstructionModule(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
-                                  optim=dict(cfg.optim), score=dict(cfg.score), max_epochs=1)
+    module = ReconstructionModule.from_plan(plan, cfg, max_epochs=1)
     x = torch.rand(4, *plan.shape)
     loss = module.training_step(x, 0)
     loss.backward()

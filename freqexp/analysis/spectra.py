@@ -32,10 +32,7 @@ def cap(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def band_bar_plot(df: pd.DataFrame, path: Path, title: str, ylabel: str = "share of spectral energy (%)", log: bool = False) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from freqexp.plots import plt, save_figure
 
     cols = [c for c in BAND_NAMES if c in df.columns]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 3.6))
@@ -48,10 +45,7 @@ def band_bar_plot(df: pd.DataFrame, path: Path, title: str, ylabel: str = "share
     if log:
         ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @ANALYSES.register("band_energy")

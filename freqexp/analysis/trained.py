@@ -50,9 +50,7 @@ def load_run(uri: str, run_id, hardware_cfg):
     run_cfg.hardware = hardware_cfg
     plan = make_plan(run_cfg)
     plan.model.load_state_dict(torch.load(weights_path, map_location="cpu"))
-    module = ReconstructionModule(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
-                                  optim=OmegaConf.to_container(run_cfg.optim), score=OmegaConf.to_container(run_cfg.score),
-                                  max_epochs=1).to(plan.hardware.device).eval()
+    module = ReconstructionModule.from_plan(plan, run_cfg).to(plan.hardware.device).eval()
     data = build_dataset(run_cfg.dataset)
     if run_cfg.dataset.get("val_anomalies") == "pseudo":
         data = with_pseudo_val(data, plan.augment, run_cfg.dataset.split_seed)
@@ -149,10 +147,7 @@ def robustness(cfg, out_dir: Path, device, **_) -> AnalysisResult:
 
 
 def robustness_plot(table: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from freqexp.plots import plt, save_figure
 
     kinds = list(PERTURBATIONS)
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.2), squeeze=False)
@@ -161,7 +156,4 @@ def robustness_plot(table: pd.DataFrame, path: Path) -> Path:
         ax.plot(t["value"], t["test_auroc"], marker="o")
         ax.set(xlabel=kind, ylabel="test AUROC", title=f"AUROC vs {kind}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

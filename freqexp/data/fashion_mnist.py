@@ -25,14 +25,17 @@ FILES = {
 }
 
 
-def normal_classes(cfg) -> list[int]:
+def normal_classes(cfg, n_classes: Optional[int] = 10) -> list[int]:
+    """dataset.normal_class as a sorted list; labels 0..n_classes-1 (any label >= 0 when the
+    number of classes is only known once the data is read)."""
     value = cfg.normal_class
     values = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
-    ok = values and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9 for v in values)
-    if not ok:
-        raise ConfigError("dataset.normal_class", f"must be a class 0-9 or a list of them (e.g. [0,6]); got {value}")
-    if len(set(values)) == 10:
-        raise ConfigError("dataset.normal_class", "all 10 classes are normal, so nothing is anomalous; pick 1-9 classes")
+    top = float("inf") if n_classes is None else n_classes - 1
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top for v in values):
+        allowed = "a class label >= 0" if n_classes is None else f"a class 0-{n_classes - 1}"
+        raise ConfigError("dataset.normal_class", f"must be {allowed} or a list of them (e.g. [0,6]); got {value}")
+    if n_classes is not None and len(set(values)) == n_classes:
+        raise ConfigError("dataset.normal_class", f"all {n_classes} classes are normal, so nothing is anomalous; pick 1-{n_classes - 1} classes")
     return sorted(set(values))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from freqexp.data.base import DATASETS, OneClassData
-from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file
+from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file, normal_classes
 from freqexp.data.idx import parse_idx, read_bytes
 from freqexp.errors import ConfigError, DataError
 
@@ -29,14 +29,6 @@ def locate(cfg) -> Path:
     raise DataError(f"dataset.root: no IDX set in {root} (nor in its raw/ or */raw/); it needs {names} (.gz or not)")
 
 
-def requested_classes(cfg) -> list[int]:
-    value = cfg.normal_class
-    values = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ConfigError("dataset.normal_class", f"must be a class label >= 0 or a list of them; got {value}")
-    return sorted(set(values))
-
-
 @DATASETS.register("mnist_idx")
 class MnistIDX:
     @staticmethod
@@ -46,7 +38,7 @@ class MnistIDX:
         root = None if OmegaConf.is_missing(cfg, "root") else cfg.root
         if root in (None, "") or not os.path.isdir(os.path.expanduser(str(root))):
             raise ConfigError("dataset.root", f"must be the folder holding the four IDX files (dataset=mnist_idx dataset.root=DIR); got {root!r}")
-        requested_classes(cfg)
+        normal_classes(cfg, n_classes=None)
         check_protocol(cfg)
 
     @staticmethod
@@ -72,7 +64,7 @@ class MnistIDX:
             raise DataError(f"{directory}: train images are {arrays['train_images'].shape[1:]}, test images {arrays['test_images'].shape[1:]}")
         train_y = torch.from_numpy(arrays["train_labels"]).long()
         present = sorted(set(train_y.tolist()))
-        normal = requested_classes(cfg)
+        normal = normal_classes(cfg, n_classes=None)
         missing = [c for c in normal if c not in present]
         if missing:
             raise ConfigError("dataset.normal_class", f"class {missing[0]} is not in {directory} (its classes: {', '.join(map(str, present))})")
