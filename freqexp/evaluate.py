@@ -68,6 +68,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) -> tuple[Dict[str, float], Dict[str, Scored]]:
+    module.calibrate(data.val.images, batch_size)  # e.g. GANomaly's score scale, fixed on val
     val = score_split(module, data.val, batch_size)
     test = score_split(module, data.test, batch_size, keep_maps=data.test.masks is not None)
     for name, s in (("val", val), ("test", test)):

@@ -66,7 +66,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
 
 
-def build_trainer(cfg, plan: Plan, callbacks: list):
+def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = None):
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 
@@ -79,8 +79,8 @@ def build_trainer(cfg, plan: Plan, callbacks: list):
         accelerator=plan.hardware.accelerator,
         devices=1,
         precision=plan.hardware.precision,
-        max_epochs=t.max_epochs,
-        check_val_every_n_epoch=t.val_every_n_epochs,
+        max_epochs=t.max_epochs if max_epochs is None else max_epochs,
+        check_val_every_n_epoch=1 if plan.model.gradient_free else t.val_every_n_epochs,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -139,15 +139,16 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
 
         device = plan.hardware.device
         data = data.to(device)  # 3. the whole dataset lives on the training device
-        from freqexp.training import BestWeights, EpochMetricsLogger, ReconstructionModule, TrainTimer
+        from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module
 
-        module = ReconstructionModule.from_plan(plan, cfg)
+        module = build_module(plan, cfg)
         timer = TrainTimer()
         callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
-        best = BestWeights() if cfg.trainer.restore_best else None
+        # a gradient-free fit is one pass: there is no earlier epoch to go back to
+        best = BestWeights() if cfg.trainer.restore_best and not plan.model.gradient_free else None
         if best:
             callbacks.append(best)
-        trainer = build_trainer(cfg, plan, callbacks)
+        trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
         train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
         val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size)
         from freqexp.evaluate import reset_peak_memory

@@ -14,6 +14,7 @@ from torch import nn
 
 from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
+from freqexp.data.base import IndexBatches
 from freqexp.models.base import ReconstructionModel
 
 
@@ -48,10 +49,25 @@ class ReconstructionModule(L.LightningModule):
         """The module for a validated plan (freqexp.validate.make_plan) and its config."""
         from omegaconf import OmegaConf
 
+        if plan.model.gradient_free:
+            max_epochs = 1
         return cls(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
                    optim=OmegaConf.to_container(cfg.optim), score=OmegaConf.to_container(cfg.score),
                    max_epochs=cfg.trainer.max_epochs if max_epochs is None else max_epochs,
                    nan_guard=cfg.trainer.nan_guard)
+
+    def on_train_start(self):
+        loader = self.trainer.train_dataloader
+        if type(self.model).prepare is ReconstructionModel.prepare or not isinstance(loader, IndexBatches):
+            return
+        # the training inputs in a fixed order (the loader's own shuffle stream is left untouched)
+        plain = IndexBatches(loader.tensors[0], batch_size=loader.batch_size)
+        with torch.no_grad():
+            self.model.prepare(self.model_io(to_unit_float(b.to(self.device)), train=False)[0] for b in plain)
+
+    def calibrate(self, val_images: torch.Tensor, batch_size: int) -> None:
+        """Called after fitting, before val and test are scored, with the val images (uint8).
+        Models whose raw scores need a scale fixed on validation (GANomaly) override it."""
 
     # -- data arrives as uint8 on the device; convert there, batched
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -70,24 +86,22 @@ class ReconstructionModule(L.LightningModule):
 
     def training_step(self, x: torch.Tensor, batch_idx: int):
         x_in, target = self.model_io(x, train=True)
-        out = self.model(x_in)
-        total, parts = self.loss(out["recon"], target)
-        extra = self.model.extra_losses(out)
-        if extra:
-            total = total + sum(extra.values())
-            parts = {**parts, **extra}
+        total, parts = self.model.training_loss(x_in, target, self.loss)
+        self.check_and_log(total, parts, x.shape[0])
+        return total
+
+    def check_and_log(self, total: torch.Tensor, parts: Dict[str, torch.Tensor], bs: int) -> None:
+        """NaN guard, then train/loss and one train/loss_<term> per term (epoch means)."""
         if self.nan_guard and not torch.isfinite(total.detach()):
             raise TrainingError(
                 f"loss became {float(total.detach())} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(terms: {', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())}); "
                 f"lower optim.lr or change loss/model, or set trainer.nan_guard=false"
             )
-        self.images_seen += x.shape[0]
-        bs = x.shape[0]
+        self.images_seen += bs
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs)
-        return total
 
     @torch.no_grad()
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,18 +137,69 @@ class ReconstructionModule(L.LightningModule):
         self.log("val/ap", ap)
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        params = self.model.parameters()
-        if o["name"] == "adamw":
-            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        elif o["name"] == "adam":
-            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        else:
-            opt = torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
-        if o.get("scheduler", "cosine") == "none":
+        opt = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        sched = self.make_scheduler(opt)
+        if sched is None:
             return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs), eta_min=o["lr"] * o.get("min_lr_ratio", 0.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+    def make_optimizer(self, params):
+        """The configured optimizer (optim.*) over `params`; procedures with several optimizers
+        (GANs) call it once per network."""
+        o = self.optim_cfg
+        if o["name"] == "adamw":
+            return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["name"] == "adam":
+            return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
+
+    def make_scheduler(self, opt):
+        o = self.optim_cfg
+        if o.get("scheduler", "cosine") == "none":
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs), eta_min=o["lr"] * o.get("min_lr_ratio", 0.0))
+
+
+class GradientFreeModule(ReconstructionModule):
+    """Fits a GradientFreeModel in one pass: every training batch goes to model.observe(), and
+    the model is finalized (bank built, PCA solved) before validation and after fitting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, x: torch.Tensor, batch_idx: int):
+        x_in, _ = self.model_io(x, train=False)  # augments create training variety for gradient training only
+        with torch.no_grad():
+            self.model.observe(x_in)
+        self.images_seen += x.shape[0]
+        return None
+
+    def on_validation_start(self):
+        self.model.finalize()
+
+    def on_fit_end(self):
+        self.model.finalize()
+
+    def configure_optimizers(self):
+        return None
+
+
+def module_class(model: ReconstructionModel) -> type[ReconstructionModule]:
+    """The LightningModule class a model names in `lightning_module` ("module:Class")."""
+    import importlib
+
+    module_name, _, attr = model.lightning_module.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    if not (isinstance(cls, type) and issubclass(cls, ReconstructionModule)):
+        raise TypeError(f"{type(model).__name__}.lightning_module={model.lightning_module!r} is not a ReconstructionModule subclass")
+    return cls
+
+
+def build_module(plan, cfg, max_epochs: Optional[int] = None) -> ReconstructionModule:
+    """The LightningModule that trains plan.model, by the model's own choice of procedure."""
+    return module_class(plan.model).from_plan(plan, cfg, max_epochs=max_epochs)
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")

@@ -106,6 +106,19 @@ def objectives(cfg) -> list[str]:
     return keys
 
 
+def check_loss_for_model(cfg, model: ReconstructionModel) -> None:
+    """A model that trains on its own objective accepts only the terms it lists."""
+    from freqexp.losses import parse_spec
+
+    allowed = model.loss_terms
+    if allowed is None:
+        return
+    bad = [t for t in parse_spec(cfg.loss.spec) if t not in allowed]
+    if bad:
+        why = f" ({model.loss_note})" if model.loss_note else ""
+        raise ConfigError("loss", f"model={cfg.model.name} cannot train with {', '.join(bad)}{why}; use loss= one of {', '.join(allowed)} or a '+' of them")
+
+
 def make_plan(cfg) -> Plan:
     import lightning.pytorch as L
 
@@ -145,6 +158,12 @@ def make_plan(cfg) -> Plan:
     hardware = resolve_hardware(cfg.hardware)
     loss = build_loss(cfg.loss, image_size=shape[1:])
     model = build_model(cfg.model, shape)
+    check_loss_for_model(cfg, model)
     augment = build_augment(cfg.augment)
+    if model.needs_pseudo_anomalies and not hasattr(augment, "synthesize"):
+        from freqexp.augment import AUGMENTS
+
+        makers = [n for n in AUGMENTS.names() if hasattr(AUGMENTS.get(n), "synthesize")]
+        raise ConfigError("augment", f"model={cfg.model.name} learns from pseudo-anomalies with masks; use augment={' | '.join(makers)} (got {cfg.augment.name})")
     filter_module, placement = build_filter(cfg.filter)
     return Plan(shape, model, loss, augment, filter_module, placement, hardware)

@@ -20,7 +20,7 @@ from freqexp.metrics import average_precision, roc_auc
 
 
 def load_run(uri: str, run_id, hardware_cfg):
-    """(the run's config, a ReconstructionModule with its weights, its data), on this machine's
+    """(the run's config, its LightningModule with its weights, its data), on this machine's
     hardware (a run trained on a GPU can be analysed on a CPU)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -28,7 +28,7 @@ def load_run(uri: str, run_id, hardware_cfg):
     from freqexp.data import build_dataset
     from freqexp.data.pseudo import with_pseudo_val
     from freqexp.tracking import resolve_uri
-    from freqexp.training import ReconstructionModule
+    from freqexp.training import build_module
     from freqexp.validate import make_plan
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -50,7 +50,7 @@ def load_run(uri: str, run_id, hardware_cfg):
     run_cfg.hardware = hardware_cfg
     plan = make_plan(run_cfg)
     plan.model.load_state_dict(torch.load(weights_path, map_location="cpu"))
-    module = ReconstructionModule.from_plan(plan, run_cfg).to(plan.hardware.device).eval()
+    module = build_module(plan, run_cfg).to(plan.hardware.device).eval()
     data = build_dataset(run_cfg.dataset)
     if run_cfg.dataset.get("val_anomalies") == "pseudo":
         data = with_pseudo_val(data, plan.augment, run_cfg.dataset.split_seed)

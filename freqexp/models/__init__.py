@@ -6,7 +6,8 @@ import importlib
 
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, ReconstructionModel
-from freqexp.models import autoencoders  # noqa: F401  (registration)
+# registration: one module per family
+from freqexp.models import autoencoders, variants, ganomaly, draem, diffusion, vit, memae, memory_bank, baselines  # noqa: F401,E401
 
 __all__ = ["MODELS", "ReconstructionModel", "build_model", "model_class"]
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,25 @@ def positive_int_list(key: str, value: Any) -> list[int]:
 class ReconstructionModel(nn.Module):
     """forward(x) -> dict with at least `recon` ([B,C,H,W] in [0,1]);
     extra_losses(out) -> model-specific weighted terms (KL, ...) added to the configured loss;
-    anomaly_map(x, target) -> [B,1,H,W], the per-pixel squared reconstruction error."""
+    anomaly_map(x, target) -> [B,1,H,W], the per-pixel squared reconstruction error.
+
+    What a model may declare about how it is trained (class attributes; defaults fit a plain
+    autoencoder):
+      lightning_module   "module:Class" of the LightningModule that trains it (a subclass of
+                         freqexp.training.ReconstructionModule): GANs, DRAEM and gradient-free
+                         memory banks bring their own procedure.
+      loss_terms         the configured loss terms it can train with (None: any); checked
+                         before training, with `loss_note` saying why.
+      gradient_free      fit = one pass over the training images, no optimizer (memory banks,
+                         PCA, kNN): trained for exactly one epoch whatever trainer.max_epochs says.
+      needs_pseudo_anomalies  trains on augment.synthesize() images + masks (DRAEM).
+    """
+
+    lightning_module: str = "freqexp.training:ReconstructionModule"
+    loss_terms: Optional[Tuple[str, ...]] = None
+    loss_note: str = ""
+    gradient_free: bool = False
+    needs_pseudo_anomalies: bool = False
 
     @classmethod
     def from_config(cls, in_shape: tuple[int, int, int], kwargs: Dict[str, Any]) -> "ReconstructionModel":
@@ -42,6 +60,22 @@ class ReconstructionModel(nn.Module):
     def extra_losses(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {}
 
+    def training_loss(self, x_in: torch.Tensor, target: torch.Tensor, loss_fn) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(total, {term: value}) for one training batch. `loss_fn(pred, target)` is the configured
+        composite loss returning (total, parts). Override for a different objective (noise
+        prediction, adversarial inputs, ...); model-specific terms belong in the parts dict."""
+        out = self(x_in)
+        total, parts = loss_fn(out["recon"], target)
+        extra = self.extra_losses(out)
+        if extra:
+            total = total + sum(extra.values())
+            parts = {**parts, **extra}
+        return total, parts
+
+    def prepare(self, batches: Iterable[torch.Tensor]) -> None:
+        """Called once before the first training step with the (filtered, un-augmented) training
+        inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing."""
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The deterministic reconstruction used for scoring."""
         return self(x)["recon"]
@@ -49,3 +83,42 @@ class ReconstructionModel(nn.Module):
     def anomaly_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         target = x if target is None else target
         return (self.reconstruct(x).float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+
+
+class GradientFreeModel(ReconstructionModel):
+    """A detector fitted without gradients (memory bank, PCA, kNN): `observe(x)` is called with
+    every training batch, `finalize()` once after the pass (and must be idempotent); then
+    `anomaly_map(x)` scores. There is no reconstruction loss, so any configured loss is
+    ignored; `reconstruct` may return the nearest normal evidence it has (for the figures)."""
+
+    gradient_free = True
+    lightning_module = "freqexp.training:GradientFreeModule"
+    loss_note = "it is fitted without gradients, so the configured loss is not used"
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"recon": self.reconstruct(x)}
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # nothing better by default: figures then show the input itself
+
+
+def number(key: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """A float option checked against [low, high] (or (low, high] with low_open)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(key, f"must be a number {rng}; got {value!r}")
+    return float(value)
+
+
+def choice(key: str, value: Any, allowed) -> str:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return value
