@@ -9,7 +9,7 @@ ARGS   ?=
 SWEEP  ?= model=ae,cae,cvae loss=mse,mse+ssim
 PYTEST_ARGS ?=
 
-.PHONY: help install data run test sweep report ui bench clean
+.PHONY: help install data run test sweep report zoo ui bench clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -43,6 +43,13 @@ sweep: install  ## a sweep: SWEEP=<preset in sweeps/> (e.g. loss_model_grid, opt
 
 report: install  ## leaderboard from MLflow (ARGS='--experiment freqexp --sweep-id ... model.name=cae')
 	$(PY) -m freqexp.report --uri $(STORE) $(ARGS)
+
+ZOO_STORE ?= sqlite:///outputs/zoo.db
+zoo: install  ## every model on FMNIST class 0 at one budget, then the README's model table from MLflow
+	$(PY) -m freqexp --multirun +sweep=model_zoo $(ARGS)
+	$(PY) -m freqexp --multirun +sweep=model_zoo model=draem augment=cutpaste,freq_cutpaste $(ARGS)
+	$(PY) -m freqexp --multirun +sweep=model_zoo model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 $(ARGS)
+	$(PY) -m freqexp.zoo --uri $(ZOO_STORE) --experiment model_zoo --readme README.md
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
 	$(PY) benchmarks/throughput.py
