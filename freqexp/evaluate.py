@@ -1,4 +1,6 @@
-"""Step 7: score val and test, pick the threshold on val, report test."""
+"""Step 7: score val and test, pick the threshold on val, report test. Where the test split has
+pixel masks, the test maps are kept and scored per pixel: test/pixel_auroc (every pixel of every
+image one sample) and test/pro (per-region overlap up to 30 % FPR, see freqexp.metrics)."""
 from __future__ import annotations
 
 import resource
@@ -9,8 +11,10 @@ from typing import Dict, Optional
 import torch
 
 from freqexp.data import OneClassData, Split
-from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, roc_auc
+from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, has_both_pixel_classes, pro_auc, roc_auc
 from freqexp.training import ReconstructionModule, to_unit_float
+
+PRO_MAX_FPR = 0.3  # test/pro integrates PRO over FPR in [0, 0.3], as in the MVTec AD benchmark
 
 
 @dataclass
@@ -87,8 +91,9 @@ def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) 
     }
     m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
     m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold, for reference only
-    if test.maps is not None:
+    if test.maps is not None and has_both_pixel_classes(data.test.masks):  # undefined without defect pixels
         masks = data.test.masks.cpu()
         m["test/pixel_auroc"] = roc_auc(test.maps.flatten(), masks.flatten())
+        m["test/pro"] = pro_auc(test.maps, masks, max_fpr=PRO_MAX_FPR)
     m["sys/peak_memory_mb"] = peak_memory_mb(module.device)
     return m, {"val": val, "test": test}

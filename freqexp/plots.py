@@ -1,4 +1,6 @@
-"""Figures logged with every run: reconstruction grid, ROC and PR curves, score histogram."""
+"""Figures logged with every run: reconstruction grid, ROC and PR curves, score histogram; and,
+where the test split has pixel masks, anomaly-map overlays (input, map, map over input, ground
+truth) with one colour scale for the whole figure."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
 from freqexp.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
@@ -75,4 +79,97 @@ def score_histogram(scores, labels, threshold: float, path: Path) -> Path:
     ax.axvline(threshold, color="k", ls="--", lw=0.8, label="threshold (val)")
     ax.set(xlabel="anomaly score", ylabel="density", title="Test scores")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def overlay_indices(labels, n_normal: int = 4, n_anomalous: int = 8) -> torch.Tensor:
+    """Which test images the overlay figure shows: the first n_normal normal images, then
+    n_anomalous anomalous ones spread evenly over the anomalous images in split order (first and
+    last included), so that different kinds of defect show up. Deterministic; fewer when the
+    split has fewer."""
+    labels = torch.as_tensor(labels).detach().cpu()
+    normal = torch.nonzero(labels == 0).flatten()[:n_normal]
+    anomalous = torch.nonzero(labels != 0).flatten()
+    if len(anomalous) > n_anomalous:
+        spread = torch.linspace(0, len(anomalous) - 1, n_anomalous).round().long()
+        anomalous = anomalous[spread]
+    return torch.cat([normal, anomalous])
+
+
+def map_colour_range(maps, low: float = 0.01, high: float = 0.995) -> tuple[float, float]:
+    """(vmin, vmax): the 1st and 99.5th percentiles of all pixels of all test maps. The same range
+    holds for every panel of the figure, so brighter means more anomalous across images; the
+    percentiles (not min/max) keep a few extreme pixels from washing the rest out."""
+    flat = torch.as_tensor(maps).detach().flatten().float().cpu()
+    n = flat.numel()
+    # kthvalue: torch.quantile refuses tensors of more than 2**24 elements
+    vmin = float(flat.kthvalue(max(1, int(round(low * n)))).values)
+    vmax = float(flat.kthvalue(max(1, int(round(high * n)))).values)
+    if vmax <= vmin:  # a (nearly) constant map
+        vmax = vmin + 1e-12 + 1e-6 * abs(vmin)
+    return vmin, vmax
+
+
+OVERLAY_ROWS = ("input", "anomaly map", "overlay", "ground truth")
+
+
+def overlay_figure(images, maps, masks, labels, scores, indices, vmin: float, vmax: float, range_note: str = ""):
+    """One column per picked image (indices into the split), rows OVERLAY_ROWS: the input, the
+    anomaly map (inferno, colour range [vmin, vmax] for all columns, one colour bar), the map over
+    the input (opacity rising with the map value, ground-truth outline in cyan), and the input
+    with the ground-truth region filled. images: [N,C,H,W], uint8 or float in [0,1] (C 1 or 3,
+    any H, W); maps [N,1,H,W]; masks bool [N,1,H,W]; only the picked images are converted."""
+    indices = torch.as_tensor(indices).long().cpu()
+    n = len(indices)
+    h, w = images.shape[-2:]
+    cell_w = 1.5 * min(3.0, max(0.5, w / h))  # wide or tall images keep their aspect in a readable cell
+    cols = max(n, 1)
+    # a narrow last column holds the colour bar (a gridspec column keeps tight_layout working)
+    fig, grid = plt.subplots(len(OVERLAY_ROWS), cols + 1, figsize=(cell_w * cols + 0.9, 1.5 * len(OVERLAY_ROWS) + 0.4),
+                             squeeze=False, gridspec_kw={"width_ratios": [1.0] * cols + [0.06 * max(1.0, 1.5 / cell_w)]})
+    axes, side = grid[:, :cols], grid[:, cols]
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    mapped = None
+    for col, i in enumerate(indices.tolist()):
+        img = images[i].detach().cpu()
+        img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+        amap = maps[i].detach().float().cpu().reshape(h, w).numpy()
+        mask = masks[i].detach().cpu().bool().reshape(h, w).numpy()
+        ax_in, ax_map, ax_over, ax_gt = axes[:, col]
+        _show(ax_in, img)
+        mapped = ax_map.imshow(amap, cmap="inferno", norm=norm)
+        _show(ax_over, img)
+        ax_over.imshow(amap, cmap="inferno", norm=norm, alpha=0.15 + 0.7 * np.clip(norm(amap), 0, 1))
+        _show(ax_gt, img)
+        if mask.any():
+            fill = np.zeros((h, w, 4))
+            fill[mask] = (1.0, 0.1, 0.1, 0.55)
+            ax_gt.imshow(fill)
+            for ax in (ax_over, ax_gt):
+                ax.contour(mask.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax_in.set_title(f"#{i} " + ("anom" if int(labels[i]) else "norm") + f"\n{float(scores[i]):.3g}", fontsize=7)
+        for ax in (ax_map, ax_over, ax_gt):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[:, 0], OVERLAY_ROWS):
+        ax.set_ylabel(name, fontsize=8)
+    for ax in list(axes[:, n:].flat) + [side[0], side[3]]:  # unused cells (all of them when nothing was picked)
+        ax.axis("off")
+    if mapped is not None:
+        side[2].axis("off")
+        fig.colorbar(mapped, cax=side[1]).ax.tick_params(labelsize=7)
+    else:
+        side[1].axis("off")
+        side[2].axis("off")
+    fig.suptitle(f"Test anomaly maps (colour range {vmin:.3g} to {vmax:.3g}{range_note})", fontsize=8)
+    return fig
+
+
+def anomaly_overlays(images, maps, masks, labels, scores, path: Path, n_normal: int = 4, n_anomalous: int = 8) -> Path:
+    """The overlay figure for the images overlay_indices picks, colours from map_colour_range over
+    all given maps."""
+    indices = overlay_indices(labels, n_normal, n_anomalous)
+    vmin, vmax = map_colour_range(maps)
+    fig = overlay_figure(images, maps, masks, labels, scores, indices, vmin, vmax,
+                         range_note=": 1st to 99.5th percentile of all test pixels")
     return save_figure(fig, path)

@@ -231,12 +231,16 @@ def write_figures(module, data, scored, metrics, output_dir: Path) -> list[Path]
         x_in, _ = module.model_io(x, train=False)
         recon = module.model.reconstruct(x_in)
         maps = module.anomaly_map(x)
-    return [
+    paths = [
         plots.reconstruction_grid(x, recon, maps, labels[pick], test.scores[pick], output_dir / "reconstructions.png"),
         plots.roc_plot(test.scores, test.labels, metrics["test/auroc"], output_dir / "roc.png"),
         plots.pr_plot(test.scores, test.labels, metrics["test/ap"], output_dir / "pr.png"),
         plots.score_histogram(test.scores, test.labels, metrics["val/threshold"], output_dir / "score_hist.png"),
     ]
+    if data.test.masks is not None and test.maps is not None:  # evaluate keeps the test maps where masks exist
+        paths.append(plots.anomaly_overlays(data.test.images, test.maps, data.test.masks, labels, test.scores,
+                                            output_dir / "anomaly_overlays.png"))
+    return paths
 
 
 def one_line(e: BaseException) -> str:
@@ -255,7 +259,8 @@ def summary(cfg, result: RunResult) -> str:
         f"   balanced ACC {m['test/balanced_acc']:.4f}   (threshold chosen on val)",
     ]
     if "test/pixel_auroc" in m:
-        lines.append(f"  pixel AUROC {m['test/pixel_auroc']:.4f}")
+        pro = f"   PRO (FPR <= 0.3) {m['test/pro']:.4f}" if "test/pro" in m else ""
+        lines.append(f"  pixel AUROC {m['test/pixel_auroc']:.4f}{pro}")
     anomalous_share = None
     if cfg.dataset.name == "fashion_mnist":
         anomalous_share = 1 - len(normal or [0]) / 10
