@@ -15,7 +15,7 @@ from pytorch_msssim import ssim as reference_ssim
 from freqexp.errors import ConfigError
 from freqexp.losses import LOSS_TERMS, build_loss, parse_spec
 
-ALL_TERMS = ["mse", "l1", "charbonnier", "ssim", "gradient", "tv", "fft", "focal_freq", "wavelet"]
+ALL_TERMS = ["mse", "l1", "charbonnier", "ssim", "gradient", "tv", "fft", "focal_freq", "wavelet", "ms_ssim", "center_crop", "center_weighted"]
 
 
 def term(name: str, **params):

@@ -81,7 +81,7 @@ def build_loss(loss_cfg: Mapping[str, Any], image_size: tuple[int, int] | None =
             need = cls.min_size(params)
             h, w_ = image_size
             if min(h, w_) < need:
-                hint = "".join(f" (loss.params.{name}.{k}={v})" for k, v in params.items() if k == "win_size")
+                hint = "".join(f" (loss.params.{name}.{k}={v})" for k, v in params.items() if k in ("win_size", "scales"))
                 raise ConfigError(
                     "loss",
                     f"term {name!r} needs images of at least {need}x{need}{hint}, but the dataset gives {h}x{w_}; "
