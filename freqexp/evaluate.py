@@ -30,13 +30,13 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
     """Anomaly maps and image scores for a split, in fp32, batched on the module's device."""
     module.eval()
     device = module.device
-    images = split.images.to(device)
+    images = split.images  # batches move to the device one at a time (a memory-mapped split stays on disk)
     scores, maps = [], []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        m = module.anomaly_map(to_unit_float(images[start : start + batch_size]))
+        m = module.anomaly_map(to_unit_float(images[start : start + batch_size].to(device)))
         scores.append(module.image_scores(m))
         if keep_maps:
             maps.append(m.cpu())

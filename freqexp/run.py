@@ -46,6 +46,8 @@ def config_hash(cfg: DictConfig) -> str:
     for key in NOT_HASHED:
         container.pop(key, None)
     container.get("trainer", {}).pop("progress_bar", None)
+    for key in ("cache", "cache_dir"):  # where the images live does not change what is computed
+        container.get("dataset", {}).pop(key, None)
     return hashlib.sha1(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -138,7 +140,10 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
         device = plan.hardware.device
-        data = data.to(device)  # 3. the whole dataset lives on the training device
+        from freqexp.data.cache import cache_dir_of, place
+
+        # 3. the dataset lives on the training device, or memory-mapped on the host when too large (dataset.cache)
+        data = place(data, device, cfg.dataset.get("cache", "auto"), cache_dir_of(cfg.dataset))
         from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module
 
         module = build_module(plan, cfg)
@@ -149,8 +154,8 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         if best:
             callbacks.append(best)
         trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
-        train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
-        val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size)
+        train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
+        val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
         from freqexp.evaluate import reset_peak_memory
 
         reset_peak_memory(device)
@@ -226,7 +231,7 @@ def write_figures(module, data, scored, metrics, output_dir: Path) -> list[Path]
     test = scored["test"]
     labels = data.test.labels.cpu()
     pick = torch.cat([torch.nonzero(labels == 0).flatten()[:8], torch.nonzero(labels == 1).flatten()[:8]])
-    x = to_unit_float(data.test.images[pick.to(data.test.images.device)])
+    x = to_unit_float(data.test.images[pick.to(data.test.images.device)].to(module.device))
     with torch.no_grad():
         x_in, _ = module.model_io(x, train=False)
         recon = module.model.reconstruct(x_in)

@@ -19,7 +19,8 @@ from freqexp.models.base import ReconstructionModel
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    # a float batch may be a view of the dataset: copy, so an in-place augment cannot change the data
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
 
 
 class ReconstructionModule(L.LightningModule):
@@ -66,7 +67,7 @@ class ReconstructionModule(L.LightningModule):
             self.model.prepare(self.model_io(to_unit_float(b.to(self.device)), train=False)[0] for b in plain)
 
     def calibrate(self, val_images: torch.Tensor, batch_size: int) -> None:
-        """Called after fitting, before val and test are scored, with the val images (uint8).
+        """Called after fitting, before val and test are scored, with the val images (uint8, or float in [0,1]).
         Models whose raw scores need a scale fixed on validation (GANomaly) override it."""
 
     # -- data arrives as uint8 on the device; convert there, batched

@@ -154,6 +154,9 @@ def make_plan(cfg) -> Plan:
     _bool("tracking.log_images", cfg.tracking.log_images)
     objectives(cfg)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
+    from freqexp.data.cache import check_cache_options
+
+    check_cache_options(cfg.dataset)
     shape = dataset_shape(cfg.dataset)
     hardware = resolve_hardware(cfg.hardware)
     loss = build_loss(cfg.loss, image_size=shape[1:])

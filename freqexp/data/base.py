@@ -1,6 +1,12 @@
-"""The shapes data takes inside freqexp: uint8 image tensors with labels (0 normal,
-1 anomalous) and optional pixel masks, split into train / val / test, and an iterable that
-slices batches out of a device-resident tensor by index."""
+"""The shapes data takes inside freqexp: image tensors with labels (0 normal, 1 anomalous) and
+optional pixel masks, split into train / val / test, and an iterable that slices batches out of
+those tensors by index.
+
+Images are uint8 (0-255, the compact form for 8-bit sources) or float16/float32 already in
+[0, 1] (sensor maps, 16-bit and float TIFFs, which lose precision at 8 bit); the training module
+turns either into float in [0, 1] on the device (freqexp.training.to_unit_float). A split's
+images may live in a memory-mapped cache file on the host (freqexp.data.cache) instead of on the
+training device; IndexBatches then copies each batch to the device."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,17 +19,27 @@ from freqexp.registry import Registry
 DATASETS: Registry[Any] = Registry("dataset", "dataset")
 
 
+IMAGE_DTYPES = (torch.uint8, torch.float16, torch.float32)
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # [N, C, H, W]: uint8 0-255, or float16/float32 in [0, 1]
     labels: torch.Tensor  # int64 [N]: 0 normal, 1 anomalous
     masks: Optional[torch.Tensor] = None  # bool [N, 1, H, W] where pixel ground truth exists
+    cache_file: Optional[str] = None  # the .npy file `images` is memory-mapped from, if any
 
     def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.dtype not in IMAGE_DTYPES or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8, float16 or float32 [N,C,H,W], got {self.images.dtype} {tuple(self.images.shape)}")
         if len(self.labels) != len(self.images):
             raise ValueError("labels and images differ in length")
+        # A float range check reads every pixel: skipped for a cache file, which freqexp wrote
+        # from checked values, so that opening a large one stays lazy.
+        if self.images.is_floating_point() and self.cache_file is None and self.images.numel():
+            low, high = (float(v) for v in torch.aminmax(self.images))
+            if not (0.0 <= low and high <= 1.0):  # also false for NaN
+                raise ValueError(f"float images must be in [0, 1], got values in [{low}, {high}]")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -32,9 +48,15 @@ class Split:
     def n_anomalous(self) -> int:
         return int(self.labels.sum())
 
+    @property
+    def nbytes(self) -> int:
+        masks = 0 if self.masks is None else self.masks.nbytes
+        return self.images.nbytes + self.labels.nbytes + masks
+
     def to(self, device) -> "Split":
         masks = None if self.masks is None else self.masks.to(device)
-        return Split(self.images.to(device), self.labels.to(device), masks)
+        images = self.images.to(device)
+        return Split(images, self.labels.to(device), masks, self.cache_file if images is self.images else None)
 
     def subset(self, index: torch.Tensor) -> "Split":
         masks = None if self.masks is None else self.masks[index]
@@ -68,16 +90,19 @@ class OneClassData:
 
 
 class IndexBatches:
-    """Batches sliced from tensors already on the training device: no DataLoader workers,
-    no per-sample Python, no host-to-device copy per step. Reshuffled every epoch from its own
-    seeded generator, so runs repeat exactly."""
+    """Batches sliced from tensors by index: no DataLoader workers, no per-sample Python.
+    Tensors already on the training device are sliced there (no host-to-device copy per step);
+    tensors kept on the host (a memory-mapped cache, freqexp.data.cache) are gathered there and
+    each batch is copied to `device`. Reshuffled every epoch from its own seeded generator, so
+    runs repeat exactly, and the order does not depend on where the tensors live."""
 
-    def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0, device=None):
         self.tensors = tensors
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
         self.n = len(tensors[0])
+        self.device = tensors[0].device if device is None else torch.device(device)
 
     @property
     def stop(self) -> int:
@@ -91,15 +116,15 @@ class IndexBatches:
         return (self.stop + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator:
-        device = self.tensors[0].device
         if self.shuffle:
-            order = torch.randperm(self.n, generator=self.generator).to(device)
+            order = torch.randperm(self.n, generator=self.generator)
+            order_on = {t.device: order.to(t.device) for t in self.tensors}  # one copy per epoch
         for start in range(0, self.stop, self.batch_size):
             if self.shuffle:
-                idx = order[start : start + self.batch_size]
-                batch = tuple(t[idx] for t in self.tensors)
+                batch = tuple(t[order_on[t.device][start : start + self.batch_size]] for t in self.tensors)
             else:
                 batch = tuple(t[start : start + self.batch_size] for t in self.tensors)
+            batch = tuple(b.to(self.device) for b in batch)  # no-op for tensors already there
             yield batch[0] if len(batch) == 1 else batch
 
 

@@ -27,14 +27,18 @@ def with_pseudo_val(data: OneClassData, augment: nn.Module, seed: int) -> OneCla
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pick = torch.randint(len(normals), (n_anom,))
-        x = normals[pick].float() / 255.0
+        x = normals[pick].float()
+        x = x / 255.0 if normals.dtype == torch.uint8 else x
         aug, mask = generator.synthesize(x)
         for _ in range(10):  # a patch pasted onto its own source changes nothing: draw again
             empty = ~mask.flatten(1).any(1)
             if not empty.any():
                 break
             aug[empty], mask[empty] = generator.synthesize(x[empty])
-    anomalies = (aug * 255).round().clamp(0, 255).to(torch.uint8)
+    if normals.dtype == torch.uint8:
+        anomalies = (aug * 255).round().clamp(0, 255).to(torch.uint8)
+    else:  # float sensor maps keep their precision
+        anomalies = aug.clamp(0, 1).to(normals.dtype)
     h, w = normals.shape[-2:]
     masks = torch.cat([torch.zeros(len(normals), 1, h, w, dtype=torch.bool), mask.cpu()])
     labels = torch.cat([torch.zeros(len(normals), dtype=torch.long), torch.ones(n_anom, dtype=torch.long)])
