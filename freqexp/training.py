@@ -15,7 +15,6 @@ from torch import nn
 from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
 from freqexp.data.base import IndexBatches
-from freqexp.models.base import ReconstructionModel
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +25,7 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 class ReconstructionModule(L.LightningModule):
     def __init__(
         self,
-        model: ReconstructionModel,
+        model: "ReconstructionModel",
         loss: nn.Module,
         augment: nn.Module,
         filter_module: nn.Module,
@@ -58,6 +57,8 @@ class ReconstructionModule(L.LightningModule):
                    nan_guard=cfg.trainer.nan_guard)
 
     def on_train_start(self):
+        from freqexp.models.base import ReconstructionModel  # here: models import this module
+
         loader = self.trainer.train_dataloader
         if type(self.model).prepare is ReconstructionModel.prepare or not isinstance(loader, IndexBatches):
             return
@@ -106,9 +107,15 @@ class ReconstructionModule(L.LightningModule):
 
     @torch.no_grad()
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        # Scores are fp32 during fit too, so the val/auroc that selects epochs is the reported one.
-        with torch.autocast(x.device.type, enabled=False):
-            return self._anomaly_map(x.float())
+        # Scores are fp32 during fit too, so the val/auroc that selects epochs is the reported one;
+        # and in eval mode (BatchNorm running statistics), so a score never depends on its batch.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._anomaly_map(x.float())
+        finally:
+            self.model.train(was_training)
 
     def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         x_in, target = self.model_io(x, train=False)
@@ -187,7 +194,7 @@ class GradientFreeModule(ReconstructionModule):
         return None
 
 
-def module_class(model: ReconstructionModel) -> type[ReconstructionModule]:
+def module_class(model: "ReconstructionModel") -> type[ReconstructionModule]:
     """The LightningModule class a model names in `lightning_module` ("module:Class")."""
     import importlib
 

@@ -169,4 +169,7 @@ def make_plan(cfg) -> Plan:
         makers = [n for n in AUGMENTS.names() if hasattr(AUGMENTS.get(n), "synthesize")]
         raise ConfigError("augment", f"model={cfg.model.name} learns from pseudo-anomalies with masks; use augment={' | '.join(makers)} (got {cfg.augment.name})")
     filter_module, placement = build_filter(cfg.filter)
+    if placement == "score" and not model.residual_score:
+        raise ConfigError("filter.apply_to", f"model={cfg.model.name} does not score by a reconstruction residual, so a filter at "
+                          "apply_to=score would have no effect; use input or both")
     return Plan(shape, model, loss, augment, filter_module, placement, hardware)

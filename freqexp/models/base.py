@@ -41,6 +41,8 @@ class ReconstructionModel(nn.Module):
       gradient_free      fit = one pass over the training images, no optimizer (memory banks,
                          PCA, kNN): trained for exactly one epoch whatever trainer.max_epochs says.
       needs_pseudo_anomalies  trains on augment.synthesize() images + masks (DRAEM).
+      residual_score     its map is a reconstruction residual, so filter.apply_to=score can
+                         filter it (False for latent-distance, segmentation and memory-bank maps).
     """
 
     lightning_module: str = "freqexp.training:ReconstructionModule"
@@ -48,6 +50,7 @@ class ReconstructionModel(nn.Module):
     loss_note: str = ""
     gradient_free: bool = False
     needs_pseudo_anomalies: bool = False
+    residual_score: bool = True
 
     @classmethod
     def from_config(cls, in_shape: tuple[int, int, int], kwargs: Dict[str, Any]) -> "ReconstructionModel":
@@ -92,6 +95,7 @@ class GradientFreeModel(ReconstructionModel):
     ignored; `reconstruct` may return the nearest normal evidence it has (for the figures)."""
 
     gradient_free = True
+    residual_score = False
     lightning_module = "freqexp.training:GradientFreeModule"
     loss_note = "it is fitted without gradients, so the configured loss is not used"
 

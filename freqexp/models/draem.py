@@ -1,1 +1,148 @@
-"""(being written)"""
+"""DRAEM (Zavrtanik, Kristan and Skocaj, ICCV 2021): a discriminatively trained reconstruction
+embedding for surface anomaly detection.
+
+Two sub-networks are trained together on pseudo-anomalies:
+  reconstructive   a fully convolutional encoder-decoder that learns to turn an image with a
+                   pasted defect back into the clean image (configured loss, e.g. mse+ssim);
+  discriminative   a small U-Net that sees concat(input, reconstruction) and predicts, per
+                   pixel, 2-class logits (normal / anomalous); trained with a focal loss against
+                   the pseudo-anomaly mask.
+The pseudo-anomalies come from the configured augment's `synthesize` (the CutPaste family),
+applied to a fraction `anomaly_p` of each batch; the rest stays clean with an empty mask, so the
+segmenter also learns that clean images have no anomaly. The augment's own `p` is not used.
+The defect is synthesized on the clean image and then passed through the input filter (if any),
+exactly as a real defect reaches the model at test time; the reconstruction target stays clean.
+
+Anomaly map: the softmax probability of the anomalous class on the (clean, test) input and its
+reconstruction, optionally smoothed by a `smooth` x `smooth` mean filter (the paper smooths
+before taking the max as the image score; useful with score.reduction=max or topk).
+
+Trade-off: the segmenter learns what the pseudo-anomalies look like. Real defects unlike the
+CutPaste patches (blur, missing texture) are found only through the reconstruction difference
+the segmenter has learned to read, so the augment choice matters more than for plain autoencoders.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freqexp.errors import ConfigError
+from freqexp.models.autoencoders import ConvDecoder, ConvEncoder
+from freqexp.training import ReconstructionModule
+from freqexp.models.base import MODELS, ReconstructionModel, number, positive_int_list
+from freqexp.models.ganomaly import check_stages, eval_mode
+
+
+def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean over pixels of -(1 - p_t)^gamma * log p_t (Lin et al. 2017), p_t the softmax
+    probability of the true class; logits [B,2,H,W], mask [B,1,H,W] (True = anomalous).
+    gamma = 0 is the plain cross-entropy. fp32: log-probabilities of confident pixels underflow
+    in half precision."""
+    with torch.autocast(logits.device.type, enabled=False):
+        log_p = F.log_softmax(logits.float(), dim=1)
+        log_p_true = log_p.gather(1, mask.long().view(mask.shape[0], 1, *mask.shape[-2:])).squeeze(1)
+        # clamp: d/dp (1-p)^gamma is infinite at p = 1 when gamma < 1
+        weight = (1 - log_p_true.exp()).clamp_min(1e-12).pow(gamma)
+        return -(weight * log_p_true).mean()
+
+
+def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+    )
+
+
+class SegmentationUNet(nn.Module):
+    """U-Net: a conv block per scale, stride-2 convs down, bilinear upsampling to the skip's exact
+    size (so odd sizes work) then concat + conv block up; a 1x1 conv gives per-pixel logits."""
+
+    def __init__(self, in_ch: int, channels: list[int], n_classes: int = 2):
+        super().__init__()
+        self.stem = conv_block(in_ch, channels[0])
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True), conv_block(b, b))
+            for a, b in zip(channels[:-1], channels[1:])
+        )
+        self.up = nn.ModuleList(conv_block(b + a, a) for a, b in zip(channels[:-1], channels[1:]))
+        self.head = nn.Conv2d(channels[0], n_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in reversed(self.up):
+            skip = skips.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = up(torch.cat([skip, y], dim=1))
+        return self.head(y)
+
+
+@MODELS.register("draem")
+class Draem(ReconstructionModel):
+    lightning_module = "freqexp.models.draem:DraemModule"
+    residual_score = False  # scored by the segmentation network
+    needs_pseudo_anomalies = True
+
+    def __init__(self, in_shape, channels=(32, 64, 128), seg_channels=(16, 32, 64), w_seg: float = 1.0,
+                 focal_gamma: float = 2.0, anomaly_p: float = 0.5, smooth: int = 0):
+        super().__init__()
+        c = in_shape[0]
+        channels = positive_int_list("model.channels", channels)
+        seg_channels = positive_int_list("model.seg_channels", seg_channels)
+        self.w_seg = number("model.w_seg", w_seg, 0.0)
+        self.focal_gamma = number("model.focal_gamma", focal_gamma, 0.0)
+        self.anomaly_p = number("model.anomaly_p", anomaly_p, 0.0, 1.0, low_open=True)
+        if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0 or (smooth > 1 and smooth % 2 == 0):
+            raise ConfigError("model.smooth", f"must be 0 (off) or an odd kernel size such as 3 or 5; got {smooth!r}")
+        self.smooth = smooth
+        hs, ws = check_stages(in_shape, channels)
+        check_stages(in_shape, seg_channels[1:], key="model.seg_channels")
+        self.reconstructive = nn.Sequential(ConvEncoder(c, channels), ConvDecoder(c, channels, hs, ws))
+        self.discriminative = SegmentationUNet(2 * c, seg_channels)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        recon = self.reconstructive(x)
+        return {"recon": recon, "seg_logits": self.discriminative(torch.cat([x, recon.to(x.dtype)], dim=1))}
+
+    def anomaly_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """P(anomalous) per pixel [B,1,H,W]; `target` is not needed (the segmenter compares the
+        input with its own reconstruction)."""
+        with eval_mode(self), torch.autocast(x.device.type, enabled=False):
+            prob = self(x.float())["seg_logits"].float().softmax(dim=1)[:, 1:]
+        if self.smooth > 1:
+            prob = F.avg_pool2d(prob, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
+        return prob
+
+
+class DraemModule(ReconstructionModule):
+    """one training step = pseudo-anomalies on a
+    fraction anomaly_p of the batch, reconstruction loss to the clean target + w_seg * focal loss
+    of the segmentation against the pseudo-anomaly mask."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.placement == "score":
+            raise ConfigError("filter.apply_to", "model=draem scores with its segmentation network, not a residual, so a filter "
+                                                 "at apply_to=score would have no effect; use input or both")
+
+    def pseudo_anomalies(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images with a defect pasted in a fraction anomaly_p of them, their masks)."""
+        synthesized, mask = self.augment.synthesize(x)
+        chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.model.anomaly_p
+        return torch.where(chosen, synthesized, x), mask & chosen
+
+    def training_step(self, x: torch.Tensor, batch_idx: int):
+        _, target = self.model_io(x, train=False)
+        defective, mask = self.pseudo_anomalies(x)
+        x_in, _ = self.model_io(defective, train=False)  # the input filter sees the defect, as at test time
+        out = self.model(x_in)
+        rec_total, rec_parts = self.loss(out["recon"], target)
+        seg = self.model.w_seg * focal_loss(out["seg_logits"], mask, self.model.focal_gamma)
+        total = rec_total + seg
+        self.check_and_log(total, {**rec_parts, "seg": seg}, x.shape[0])
+        return total

@@ -1,1 +1,259 @@
-"""(being written)"""
+"""GANomaly (Akcay, Atapour-Abarghouei and Breckon, ACCV 2018): an adversarially trained
+encoder-decoder-encoder.
+
+Generator: encoder1 maps x to a latent z, a decoder maps z to x_hat, encoder2 maps x_hat back
+to z_hat. A discriminator (same conv stack as the encoders, plus a linear real/fake head) is
+trained against it. The generator minimises
+    w_adv * ||f(x) - f(x_hat)||^2   feature matching on the discriminator's penultimate features
+  + w_con * loss(x_hat, x)          "contextual": the configured loss (mse, l1, mse+ssim, ...)
+  + w_lat * ||z - z_hat||^2         latent consistency
+(defaults 1, 50, 1 as in the paper); the discriminator minimises the usual BCE. When the
+discriminator's loss collapses (< disc_reset_threshold, 1e-5 in the paper's code) it is
+re-initialized, since a saturated discriminator gives the generator no useful features.
+
+Score: the latent distance mean((z - z_hat)^2), one number per image; `anomaly_map` broadcasts
+it to [B,1,H,W], so the map is constant per image and pixel metrics (test/pixel_auroc) mean
+nothing for this model. The reconstruction x_hat is only used for the figures.
+
+Score scale. anomalib min-max normalizes GANomaly scores within each batch, which makes an
+image's score depend on which other images share its batch. Here the scale is fixed once:
+after fitting, GanomalyModule.calibrate scores the whole validation split and stores the raw
+minimum and maximum in model buffers (so they are saved in model.pt); scores are then
+(raw - min) / (max - min), in [0, 1] on validation (test images may fall outside). Before
+calibration the buffers are (0, 1), i.e. scores are raw. Scoring always runs with BatchNorm in
+eval mode (running statistics), so a score never depends on its batch companions.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freqexp.errors import ConfigError, TrainingError
+from freqexp.models.autoencoders import ConvDecoder, ConvEncoder, encoder_sizes
+from freqexp.training import ReconstructionModule
+from freqexp.models.base import MODELS, ReconstructionModel, number, positive_int, positive_int_list
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run `module` with every submodule in eval mode (BatchNorm on running statistics),
+    restoring each submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def check_stages(in_shape, channels, key: str = "model.channels") -> tuple[list[int], list[int]]:
+    """Spatial sizes after each stride-2 stage; every stage needs at least 2 pixels to halve."""
+    _, h, w = in_shape
+    if min(h, w) < 2 ** len(channels):
+        raise ConfigError(key, f"{len(channels)} stride-2 stages need images of at least {2 ** len(channels)} px a side; got {h}x{w}")
+    return encoder_sizes(h, len(channels)), encoder_sizes(w, len(channels))
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """The DCGAN initialization the GANomaly paper uses: conv weights N(0, 0.02), BatchNorm
+    scales N(1, 0.02); linear layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+            m.reset_running_stats()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+
+
+class LatentEncoder(nn.Module):
+    """Stride-2 conv stack, then a linear map to a latent vector."""
+
+    def __init__(self, in_ch: int, channels: list[int], feat_size: int, latent_dim: int):
+        super().__init__()
+        self.conv = ConvEncoder(in_ch, channels)
+        self.to_latent = nn.Linear(feat_size, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_latent(self.conv(x).flatten(1))
+
+
+class LatentDecoder(nn.Module):
+    def __init__(self, out_ch: int, channels: list[int], heights: list[int], widths: list[int], latent_dim: int):
+        super().__init__()
+        self.feat_shape = (channels[-1], heights[-1], widths[-1])
+        self.from_latent = nn.Sequential(nn.Linear(latent_dim, channels[-1] * heights[-1] * widths[-1]), nn.LeakyReLU(0.2, inplace=True))
+        self.conv = ConvDecoder(out_ch, channels, heights, widths)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.from_latent(z).view(-1, *self.feat_shape))
+
+
+class Discriminator(nn.Module):
+    """Conv classifier; forward returns (real/fake logit [B], penultimate features [B, F])."""
+
+    def __init__(self, in_ch: int, channels: list[int], feat_size: int):
+        super().__init__()
+        self.features = ConvEncoder(in_ch, channels)
+        self.head = nn.Linear(feat_size, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x).flatten(1)
+        return self.head(f).squeeze(1), f
+
+
+@MODELS.register("ganomaly")
+class Ganomaly(ReconstructionModel):
+    lightning_module = "freqexp.models.ganomaly:GanomalyModule"
+    residual_score = False  # scored by latent distance
+
+    def __init__(self, in_shape, channels=(32, 64, 128), latent_dim: int = 100, w_adv: float = 1.0, w_con: float = 50.0,
+                 w_lat: float = 1.0, disc_reset_threshold: float = 1e-5):
+        super().__init__()
+        c = in_shape[0]
+        channels = positive_int_list("model.channels", channels)
+        latent_dim = positive_int("model.latent_dim", latent_dim)
+        self.w_adv = number("model.w_adv", w_adv, 0.0)
+        self.w_con = number("model.w_con", w_con, 0.0)
+        self.w_lat = number("model.w_lat", w_lat, 0.0)
+        self.disc_reset_threshold = number("model.disc_reset_threshold", disc_reset_threshold, 0.0)
+        hs, ws = check_stages(in_shape, channels)
+        feat = channels[-1] * hs[-1] * ws[-1]
+        self.encoder1 = LatentEncoder(c, channels, feat, latent_dim)
+        self.decoder = LatentDecoder(c, channels, hs, ws, latent_dim)
+        self.encoder2 = LatentEncoder(c, channels, feat, latent_dim)
+        self.discriminator = Discriminator(c, channels, feat)
+        dcgan_init(self)
+        # the validation score range (see module docstring); (0, 1) = raw scores until calibrated
+        self.register_buffer("score_min", torch.tensor(0.0))
+        self.register_buffer("score_max", torch.tensor(1.0))
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
+
+    def reset_discriminator(self) -> None:
+        dcgan_init(self.discriminator)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        z = self.encoder1(x)
+        x_hat = self.decoder(z)
+        return {"recon": x_hat, "z": z, "z_hat": self.encoder2(x_hat)}
+
+    def raw_score(self, x: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated latent distance mean((z - z_hat)^2) per image [B], in fp32, BatchNorm in eval."""
+        with eval_mode(self), torch.autocast(x.device.type, enabled=False):
+            out = self(x.float())
+            return (out["z"].float() - out["z_hat"].float()).pow(2).mean(1)
+
+    def set_score_range(self, low: float, high: float) -> None:
+        self.score_min.fill_(low)
+        self.score_max.fill_(high)
+
+    def anomaly_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        span = (self.score_max - self.score_min).clamp_min(1e-12)
+        score = (self.raw_score(x) - self.score_min) / span
+        return score.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:]).contiguous()
+
+
+def feature_matching(fake_features: torch.Tensor, real_features: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(fake_features.float(), real_features.float())
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(real_logits.device.type, enabled=False):
+        real, fake = real_logits.float(), fake_logits.float()
+        return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                      + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+
+class GanomalyModule(ReconstructionModule):
+    """alternating generator / discriminator
+    updates with two optimizers (manual optimization); the discriminator's "real" images are the
+    loss targets (the clean images when an augment or a filter changes the generator's input)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.placement == "score":
+            raise ConfigError("filter.apply_to", "model=ganomaly scores by latent distance, not by a residual, so a filter at "
+                                                 "apply_to=score would have no effect; use input or both")
+        self.automatic_optimization = False
+        self.disc_resets = 0  # how often the discriminator collapsed and was re-initialized
+
+    def configure_optimizers(self):
+        opt_g = self.make_optimizer(self.model.generator_parameters())
+        opt_d = self.make_optimizer(list(self.model.discriminator.parameters()))
+        schedulers = [s for s in (self.make_scheduler(opt_g), self.make_scheduler(opt_d)) if s is not None]
+        return [opt_g, opt_d], schedulers
+
+    def training_step(self, x: torch.Tensor, batch_idx: int):
+        model, bs = self.model, x.shape[0]
+        opt_g, opt_d = self.optimizers()
+        x_in, target = self.model_io(x, train=True)
+
+        # generator: the discriminator's weights are frozen (toggle), gradients still flow through it
+        self.toggle_optimizer(opt_g)
+        out = model(x_in)
+        x_hat = out["recon"]
+        with torch.no_grad():
+            _, real_features = model.discriminator(target)
+        _, fake_features = model.discriminator(x_hat)
+        adv = model.w_adv * feature_matching(fake_features, real_features)
+        con_total, con_parts = self.loss(x_hat, target)
+        con = model.w_con * con_total
+        with torch.autocast(x.device.type, enabled=False):
+            lat = model.w_lat * F.mse_loss(out["z"].float(), out["z_hat"].float())
+        g_loss = adv + con + lat
+        self.check_and_log(g_loss, {**con_parts, "adv": adv, "con": con, "lat": lat}, bs)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # discriminator: real targets vs the (detached) reconstructions
+        self.toggle_optimizer(opt_d)
+        real_logits, _ = model.discriminator(target)
+        fake_logits, _ = model.discriminator(x_hat.detach())
+        d_loss = discriminator_loss(real_logits, fake_logits)
+        if self.nan_guard and not torch.isfinite(d_loss.detach()):
+            raise TrainingError(f"discriminator loss became {float(d_loss.detach())} at epoch {self.current_epoch}, step "
+                                f"{self.global_step}; lower optim.lr, or set trainer.nan_guard=false")
+        self.log("train/loss_disc", d_loss, on_step=False, on_epoch=True, batch_size=bs)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        if float(d_loss.detach()) < model.disc_reset_threshold:
+            model.reset_discriminator()
+            self.disc_resets += 1
+        return g_loss.detach()
+
+    def on_train_epoch_end(self):
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    @torch.no_grad()
+    def calibrate(self, val_images: torch.Tensor, batch_size: int) -> None:
+        """Fix the score scale on the whole validation split (raw min and max into model buffers)."""
+        from freqexp.training import to_unit_float
+
+        raw = []
+        with eval_mode(self):
+            for start in range(0, len(val_images), batch_size):
+                x = to_unit_float(val_images[start : start + batch_size].to(self.device))
+                x_in, _ = self.model_io(x, train=False)
+                raw.append(self.model.raw_score(x_in))
+        raw = torch.cat(raw)
+        self.model.set_score_range(float(raw.min()), float(raw.max()))
