@@ -223,7 +223,9 @@ class EpochMetricsLogger(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         # the lr this epoch trains with (epoch schedulers step before on_train_epoch_end)
-        self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        # (a gradient-free fit has no optimizer: Lightning then holds a mock one without param groups)
+        opts = trainer.optimizers
+        self.epoch_lr = opts[0].param_groups[0]["lr"] if opts and opts[0].param_groups else None
 
     def _send(self, trainer, prefix: str):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}

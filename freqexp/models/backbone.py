@@ -1,1 +1,256 @@
-"""(being written)"""
+"""A frozen ResNet feature extractor for the memory-bank detectors (PatchCore, WEDGE-Net).
+
+The ResNet is written here (torchvision is not a dependency) with torchvision's parameter
+names (conv1, bn1, layer1..layer4 of BasicBlock / Bottleneck blocks with downsample.0/.1, fc),
+so an ImageNet state dict saved by torchvision (`torch.save(resnet18(weights=...).state_dict(),
+"resnet18.pth")`) loads as is through `model.backbone.weights`. Bottlenecks put the stride on
+the 3x3 convolution (torchvision's "v1.5"); wide_resnet50_2 doubles the bottleneck width.
+
+Without weights the network keeps its random (kaiming) initialization, drawn from torch's
+global RNG, which the run seeds: the pipeline then works, but the features are random
+projections, not ImageNet features, and results are not PatchCore's.
+
+`FeatureExtractor` wraps the ResNet as the detectors use it: grayscale repeated to 3 channels,
+optional resize (`input_size`), ImageNet normalization, and the outputs of the named layers.
+Layers after the last one used are dropped, so they cost neither time nor space in model.pt."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freqexp.errors import ConfigError
+
+log = logging.getLogger("freqexp")
+
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None, width_per_group: int = 64):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None, width_per_group: int = 64):
+        super().__init__()
+        width = planes * width_per_group // 64
+        self.conv1, self.bn1 = conv1x1(cin, width), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = conv1x1(width, planes * self.expansion), nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+# arch -> (block, blocks per stage, width_per_group)
+ARCHS: Dict[str, tuple] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
+}
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet with torchvision's module names. `features(x, names)` returns the
+    outputs of the named stages (layer1..layer4) without running the stages after them."""
+
+    def __init__(self, arch: str = "resnet18", num_classes: int = 1000):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ConfigError("model.backbone.arch", f"must be one of {', '.join(ARCHS)}; got {arch!r}")
+        block, blocks, self.width_per_group = ARCHS[arch]
+        self.arch = arch
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.channels: Dict[str, int] = {}
+        cin = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or cin != planes * block.expansion:
+                downsample = nn.Sequential(conv1x1(cin, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion))
+            stage = [block(cin, planes, stride, downsample, self.width_per_group)]
+            cin = planes * block.expansion
+            stage += [block(cin, planes, width_per_group=self.width_per_group) for _ in range(1, n)]
+            setattr(self, LAYERS[i], nn.Sequential(*stage))
+            self.channels[LAYERS[i]] = cin
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():  # torchvision's initialization
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def truncate(self, last: str) -> "ResNet":
+        """Drop the stages after `last` (and the classifier): features() never needs them."""
+        for name in LAYERS[LAYERS.index(last) + 1:]:
+            if hasattr(self, name):
+                delattr(self, name)
+        for name in ("avgpool", "fc"):
+            if hasattr(self, name):
+                delattr(self, name)
+        return self
+
+    def features(self, x: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in LAYERS[: max(LAYERS.index(n) for n in names) + 1]:
+            x = getattr(self, name)(x)
+            if name in names:
+                out[name] = x
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x, ["layer4"])["layer4"]
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def load_weights(module: nn.Module, path: Any, key: str = "model.backbone.weights") -> None:
+    """Load a torchvision-format state dict from `path` into `module`. Every tensor the module
+    has must be there with the same shape (extra entries, e.g. fc or layer4 of a truncated
+    network, are ignored; BatchNorm's num_batches_tracked may be absent, as in old files)."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(key, f"no weights file {str(file)!r}; give a torchvision-format ResNet state dict (.pth) or null for random weights")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(key, f"cannot read {str(file)!r} as a torch state dict ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # checkpoints that wrap the state dict
+    if not isinstance(state, dict):
+        raise ConfigError(key, f"{str(file)!r} holds a {type(state).__name__}, not a state dict (name -> tensor)")
+    own = module.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            if name.endswith("num_batches_tracked"):
+                state[name] = tensor
+                continue
+            raise ConfigError(key, f"{str(file)!r} has no {name!r}: not a torchvision {getattr(module, 'arch', 'ResNet')} state dict")
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(key, f"{str(file)!r}: {name!r} has shape {got}, the {getattr(module, 'arch', 'ResNet')} needs {tuple(tensor.shape)} (wrong model.backbone.arch?)")
+    module.load_state_dict({name: state[name] for name in own})
+
+
+BACKBONE_KEYS = ("arch", "weights")
+
+
+def backbone_options(backbone: Any) -> Dict[str, Any]:
+    """The `model.backbone` node (a DictConfig, dict or None) as a checked plain dict."""
+    if backbone is None:
+        backbone = {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(backbone, DictConfig):
+            backbone = OmegaConf.to_container(backbone, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        pass
+    if not isinstance(backbone, dict):
+        raise ConfigError("model.backbone", f"must be a mapping with keys {', '.join(BACKBONE_KEYS)}; got {backbone!r}")
+    unknown = sorted(set(backbone) - set(BACKBONE_KEYS))
+    if unknown:
+        raise ConfigError(f"model.backbone.{unknown[0]}", f"not a backbone option; its options: {', '.join(BACKBONE_KEYS)}")
+    return {"arch": backbone.get("arch", "resnet18"), "weights": backbone.get("weights")}
+
+
+def parse_input_size(value: Any, key: str = "model.input_size") -> Optional[tuple[int, int]]:
+    """null (keep the image size), an int (square side) or [height, width]."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    try:
+        size = [int(v) for v in value] if all(isinstance(v, int) and not isinstance(v, bool) for v in value) else None
+    except TypeError:
+        size = None
+    if not size or len(size) != 2 or min(size) < 16:
+        raise ConfigError(key, f"must be null, an integer >= 16 or [height, width] (each >= 16); got {value!r}")
+    return size[0], size[1]
+
+
+class FeatureExtractor(nn.Module):
+    """Images in [0, 1] -> {layer name: feature map}, through a frozen ResNet in eval mode.
+    Runs in fp32 with autocast off, so the bank (built under the trainer's mixed precision)
+    and the test features (scored in fp32) are computed the same way."""
+
+    def __init__(self, in_shape: tuple[int, int, int], layers: Sequence[str], backbone: Any = None, input_size: Any = None):
+        super().__init__()
+        opts = backbone_options(backbone)
+        channels, height, width = in_shape
+        if channels not in (1, 3):
+            raise ConfigError("model.backbone", f"an ImageNet ResNet needs 1 (repeated) or 3 channel images; got {channels}")
+        self.input_size = parse_input_size(input_size)
+        side = min(self.input_size) if self.input_size else min(height, width)
+        if side < 16:
+            raise ConfigError("model.input_size", f"{height}x{width} images are too small for the ResNet's stride-16 layer3; set model.input_size (e.g. 64) to upsample them")
+        self.layers = list(layers)
+        self.net = ResNet(opts["arch"]).truncate(max(self.layers, key=LAYERS.index))
+        self.weights = opts["weights"]
+        if self.weights is not None:
+            load_weights(self.net, self.weights)
+        else:
+            log.warning("model.backbone.weights is not set: the %s has random weights, so its features are random and results are not "
+                        "PatchCore's (give a torchvision ImageNet state dict .pth for real features)", opts["arch"])
+        self.net.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def channels(self, name: str) -> int:
+        return self.net.channels[name]
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # frozen: BatchNorm keeps its running statistics even while Lightning trains the module
+        return super().train(False)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net.features(self.prepare_input(x), self.layers)

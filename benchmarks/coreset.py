@@ -1,0 +1,149 @@
+"""Memory-bank size against cost and accuracy: patchcore and wedge on Fashion-MNIST (normal
+class 0 by default) with banks of 100 %, 10 % and 1 % of the training patches, chosen by the
+greedy k-center coreset and at random, plus the knn and pca pixel baselines for scale.
+
+    .venv/bin/python benchmarks/coreset.py [--limit-train 1000] [--limit-test 1000]
+        [--ratios 1.0 0.1 0.01] [--threads N] [ARGS...]
+
+Extra ARGS are config overrides applied to every model (e.g. hardware=gpu
+model.backbone.weights=/path/resnet18.pth model.input_size=96). Each model's training
+features are extracted once; every bank is built from them, so fit time = that extraction
+(shared) + the bank's own selection. Inference images/s covers the whole anomaly_map (backbone
++ nearest-neighbour search + upsampling) over the test images. AUROC is on the (limited) test
+split with the max of the map as image score (PatchCore's) and with its mean. Ratios are
+against the 100 % bank of the same model, measured in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import freqexp  # noqa: F401
+from freqexp.data import build_dataset
+from freqexp.metrics import reduce_map, roc_auc
+from freqexp.training import to_unit_float
+from freqexp.validate import make_plan
+
+
+def compose(overrides):
+    from hydra import compose as hcompose, initialize_config_module
+
+    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
+        return hcompose(config_name="config", overrides=overrides)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches(images, size, device):
+    for i in range(0, len(images), size):
+        yield to_unit_float(images[i : i + size].to(device))
+
+
+def score(model, test, batch_size, device):
+    """(images/s, AUROC with max, AUROC with mean) over the test split."""
+    sync(device)
+    t0 = time.perf_counter()
+    maps = torch.cat([model.anomaly_map(x).cpu() for x in batches(test.images, batch_size, device)])
+    sync(device)
+    seconds = time.perf_counter() - t0
+    labels = test.labels.cpu()
+    return len(test.images) / seconds, roc_auc(reduce_map(maps, "max"), labels), roc_auc(reduce_map(maps, "mean"), labels)
+
+
+def observe_all(model, train, batch_size, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x in batches(train.images, batch_size, device):
+            model.observe(x)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_memory_bank(name, args, common):
+    cfg = compose([f"model={name}", *common])
+    plan = make_plan(cfg)
+    device = plan.hardware.device
+    model = plan.model.to(device).eval()
+    data = build_dataset(cfg.dataset)
+    extract_s = observe_all(model, data.train, args.batch_size, device)
+    features = list(model._observed)  # reused for every bank
+    rows = []
+    settings = [(1.0, "all")] + [(r, s) for r in args.ratios if r < 1.0 for s in ("greedy", "random")]
+    for ratio, sampling in settings:
+        model.sampling_ratio, model.sampling = ratio, ("greedy" if sampling == "all" else sampling)
+        model._observed = list(features)
+        sync(device)
+        t0 = time.perf_counter()
+        model.finalize()
+        sync(device)
+        select_s = time.perf_counter() - t0
+        ips, auc_max, auc_mean = score(model, data.test, args.batch_size, device)
+        rows.append(dict(model=name, ratio=ratio, sampling=sampling, bank=model.memory_bank.shape[0], fit=extract_s + select_s,
+                         ips=ips, auc_max=auc_max, auc_mean=auc_mean))
+    return rows, data
+
+
+def bench_baseline(name, args, common, data):
+    cfg = compose([f"model={name}", *common])
+    plan = make_plan(cfg)
+    device = plan.hardware.device
+    model = plan.model.to(device).eval()
+    fit_s = observe_all(model, data.train, args.batch_size, device)
+    sync(device)
+    t0 = time.perf_counter()
+    model.finalize()
+    sync(device)
+    fit_s += time.perf_counter() - t0
+    ips, auc_max, auc_mean = score(model, data.test, args.batch_size, device)
+    bank = model.bank.shape[0] if hasattr(model, "bank") else model.components.shape[0]
+    return dict(model=name, ratio=float("nan"), sampling="-", bank=bank, fit=fit_s, ips=ips, auc_max=auc_max, auc_mean=auc_mean)
+
+
+def print_table(rows):
+    head = f"{'model':9} {'ratio':>6} {'sampling':8} {'bank':>7} {'fit s':>7} {'img/s':>8} {'AUROC max':>9} {'AUROC mean':>10} | {'fit x':>6} {'bank x':>7} {'speed x':>7} {'dAUROC max':>10}"
+    print(head)
+    print("-" * len(head))
+    full = {r["model"]: r for r in rows if r["ratio"] == 1.0}
+    for r in rows:
+        ref = full.get(r["model"])
+        rel = (f"{r['fit'] / ref['fit']:6.2f} {r['bank'] / ref['bank']:7.3f} {r['ips'] / ref['ips']:7.2f} {r['auc_max'] - ref['auc_max']:+10.4f}"
+               if ref else f"{'':6} {'':7} {'':7} {'':10}")
+        ratio = "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}"
+        print(f"{r['model']:9} {ratio:>6} {r['sampling']:8} {r['bank']:7d} {r['fit']:7.1f} {r['ips']:8.0f} {r['auc_max']:9.4f} {r['auc_mean']:10.4f} | {rel}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit-train", type=int, default=1000, help="training images (dataset.limit_train)")
+    p.add_argument("--limit-test", type=int, default=1000, help="test images, stratified (dataset.limit_test)")
+    p.add_argument("--normal-class", type=int, default=0)
+    p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--models", nargs="+", default=["patchcore", "wedge"])
+    p.add_argument("--no-baselines", action="store_true", help="skip the knn and pca rows")
+    args, extra = p.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = ["dataset=fashion_mnist", f"dataset.normal_class={args.normal_class}", f"dataset.limit_train={args.limit_train}",
+              f"dataset.limit_test={args.limit_test}", *extra]
+    rows, data = [], None
+    for name in args.models:
+        model_rows, data = bench_memory_bank(name, args, common)
+        rows += model_rows
+    if not args.no_baselines:
+        data = data or build_dataset(compose(common).dataset)
+        rows += [bench_baseline(name, args, common, data) for name in ("knn", "pca")]
+    print(f"Fashion-MNIST normal class {args.normal_class}: {len(data.train)} train / {len(data.test)} test images "
+          f"({data.test.n_anomalous} anomalous), torch threads {torch.get_num_threads()}, overrides {' '.join(extra) or '-'}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
