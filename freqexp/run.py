@@ -66,6 +66,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`.*")  # gradient-free fits
 
 
 def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = None):
