@@ -119,11 +119,10 @@ class ReconstructionModule(L.LightningModule):
 
     def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         x_in, target = self.model_io(x, train=False)
-        residual_map = self.model.anomaly_map(x_in, target)
-        if self.placement == "score":
+        if self.placement == "score":  # one reconstruction only: diffusion/ViT scoring is several passes
             recon = self.model.reconstruct(x_in).float()
-            residual_map = self.filter(recon - target.float()).pow(2).mean(1, keepdim=True)
-        return residual_map
+            return self.filter(recon - target.float()).pow(2).mean(1, keepdim=True)
+        return self.model.anomaly_map(x_in, target)
 
     def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
         return reduce_map(maps, self.score_cfg.get("reduction", "mean"), self.score_cfg.get("topk", 0.05))
