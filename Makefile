@@ -48,7 +48,7 @@ ZOO_STORE ?= sqlite:///outputs/zoo.db
 zoo: install  ## every model on FMNIST class 0 at one budget, then the README's model table from MLflow
 	$(PY) -m freqexp --multirun +sweep=model_zoo $(ARGS)
 	$(PY) -m freqexp --multirun +sweep=model_zoo model=draem augment=cutpaste,freq_cutpaste $(ARGS)
-	$(PY) -m freqexp --multirun +sweep=model_zoo model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 $(ARGS)
+	$(PY) -m freqexp --multirun +sweep=model_zoo model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 model.input_size=null $(ARGS)
 	$(PY) -m freqexp.zoo --uri $(ZOO_STORE) --experiment model_zoo --readme README.md
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop

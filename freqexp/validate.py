@@ -15,6 +15,7 @@ from freqexp.freq import build_filter
 from freqexp.losses import CompositeLoss, build_loss
 from freqexp.metrics import REDUCTIONS
 from freqexp.models import ReconstructionModel, build_model
+from freqexp.models.base import choice, number
 from freqexp.training import OPTIMIZERS, SCHEDULERS
 
 # Mixed precision keeps fp32 weights and fp32 inputs; "*-true" modes would need every input cast.
@@ -48,29 +49,14 @@ def _int(key: str, value: Any, low: int) -> int:
     return value
 
 
-def _number(key: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ConfigError(key, f"must be a number {rng}; got {value!r}")
-    return float(value)
-
-
 def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"must be true or false; got {value!r}")
     return value
 
 
-def _choice(key: str, value: Any, allowed) -> str:
-    if value not in allowed:
-        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
 def resolve_hardware(hw) -> Hardware:
-    accelerator = _choice("hardware.accelerator", hw.accelerator, ("auto", "cpu", "gpu", "cuda"))
+    accelerator = choice("hardware.accelerator", hw.accelerator, ("auto", "cpu", "gpu", "cuda"))
     has_cuda = torch.cuda.is_available()
     if accelerator == "auto":
         accelerator = "gpu" if has_cuda else "cpu"
@@ -83,7 +69,7 @@ def resolve_hardware(hw) -> Hardware:
         precision = "16-mixed" if accelerator == "gpu" else "32-true"
     if accelerator == "cpu" and precision == "16-mixed":
         raise ConfigError("hardware.precision", "16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
-    _choice("hardware.precision", precision, PRECISIONS[accelerator])
+    choice("hardware.precision", precision, PRECISIONS[accelerator])
     if _int("hardware.devices", hw.get("devices", 1), 1) != 1:
         raise ConfigError("hardware.devices", "one device per run; run several jobs to use several GPUs")
     return Hardware(accelerator, precision, torch.device("cuda" if accelerator == "gpu" else "cpu"))
@@ -136,15 +122,15 @@ def make_plan(cfg) -> Plan:
         raise ConfigError("trainer.val_every_n_epochs", f"must divide trainer.max_epochs ({t.max_epochs}) so the last epoch is validated "
                           f"before the best one is restored; got {t.val_every_n_epochs} (or set trainer.restore_best=false)")
     _int("trainer.early_stopping.patience", t.early_stopping.patience, 0)
-    _number("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0)
+    number("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0)
     o = cfg.optim
-    _choice("optim.name", o.name, OPTIMIZERS)
-    _number("optim.lr", o.lr, 0.0, low_open=True)
-    _number("optim.weight_decay", o.weight_decay, 0.0)
-    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
-    _number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
-    _choice("score.reduction", cfg.score.reduction, REDUCTIONS)
-    _number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
+    choice("optim.name", o.name, OPTIMIZERS)
+    number("optim.lr", o.lr, 0.0, low_open=True)
+    number("optim.weight_decay", o.weight_decay, 0.0)
+    choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    choice("score.reduction", cfg.score.reduction, REDUCTIONS)
+    number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
 
     from freqexp.tracking import resolve_uri
 
