@@ -12,10 +12,10 @@ from tests.conftest import REPO, compose_cfg
 
 MODEL_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 SMALL = ["dataset=synthetic", "dataset.n_train=48", "dataset.n_val=16", "dataset.n_test=16", "trainer.max_epochs=1",
-         "trainer.batch_size=16", "trainer.eval_batch_size=16", "trainer.progress_bar=false", "hardware=cpu"]
+         "trainer.batch_size=16", "trainer.eval_batch_size=16", "trainer.progress_bar=false"]
 
 
-def overrides_for(name: str, tmp_path: Path, seed: int = 0) -> list[str]:
+def overrides_for(name: str, tmp_path: Path, seed: int = 0, hardware: str = "cpu") -> list[str]:
     from freqexp.models import model_class
 
     cfg = compose_cfg([f"model={name}"])
@@ -25,10 +25,10 @@ def overrides_for(name: str, tmp_path: Path, seed: int = 0) -> list[str]:
         extra.append("augment=cutpaste")
     if cls.loss_terms is not None:
         extra.append(f"loss={cls.loss_terms[0]}")
-    return [f"model={name}", *SMALL, *extra, f"seed={seed}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return [f"model={name}", *SMALL, *extra, f"seed={seed}", f"hardware={hardware}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
-def fit_and_score(name: str, tmp_path: Path, seed: int = 0):
+def fit_and_score(name: str, tmp_path: Path, seed: int = 0, hardware: str = "cpu"):
     """(train loss or None, anomaly maps of 4 test images) after one short fit."""
     from freqexp.data import IndexBatches, build_dataset
     from freqexp.run import build_trainer, quiet_lightning
@@ -36,16 +36,19 @@ def fit_and_score(name: str, tmp_path: Path, seed: int = 0):
     from freqexp.validate import make_plan
 
     quiet_lightning()
-    cfg = compose_cfg(overrides_for(name, tmp_path, seed))
+    cfg = compose_cfg(overrides_for(name, tmp_path, seed, hardware))
     plan = make_plan(cfg)
     module = build_module(plan, cfg)
     data = build_dataset(cfg.dataset)
     trainer = build_trainer(cfg, plan, [], max_epochs=module.max_epochs)
+    device = plan.hardware.device
+    data = data.to(device)
     trainer.fit(module, IndexBatches(data.train.images, batch_size=16, shuffle=True, seed=seed),
                 IndexBatches(data.val.images, data.val.labels, batch_size=16))
+    module.to(device)
     module.calibrate(data.val.images, 16)
     loss = trainer.callback_metrics.get("train/loss")
-    return (None if loss is None else float(loss)), module.anomaly_map(to_unit_float(data.test.images[:4]))
+    return (None if loss is None else float(loss)), module.anomaly_map(to_unit_float(data.test.images[:4])).cpu()
 
 
 @pytest.mark.parametrize("name", MODEL_OPTIONS)
@@ -75,3 +78,15 @@ def test_model_runs_end_to_end_into_mlflow(name, tmp_path):
     assert list(runs["status"]) == ["FINISHED"]
     assert int(runs["params.model.n_params"][0]) >= 0
     assert (tmp_path / "run" / "reconstructions.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine: pytest -k cuda)")
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_trains_on_cuda_with_16_mixed(name, tmp_path):
+    """hardware=gpu: CUDA + 16-mixed training, fp32 scoring; finite loss and maps of the right shape."""
+    from freqexp.models import model_class
+
+    loss, maps = fit_and_score(name, tmp_path, seed=3, hardware="gpu")
+    if not model_class(compose_cfg([f"model={name}"]).model.name).gradient_free:
+        assert loss is not None and torch.isfinite(torch.tensor(loss)), f"{name}: train loss {loss}"
+    assert maps.shape == (4, 1, 32, 32) and torch.isfinite(maps).all()
