@@ -67,6 +67,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
     warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`.*")  # gradient-free fits
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # frozen backbones
 
 
 def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = None):
