@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from freqexp.errors import ConfigError
-from freqexp.losses.terms import LOSS_TERMS, LossTerm, gaussian_window, positive_number
+from freqexp.losses.terms import LOSS_TERMS, LossTerm, gaussian_window, positive_number, ssim_and_cs_maps
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -38,22 +38,8 @@ def ms_ssim_scales_that_fit(size: int, win_size: int) -> int:
 
 
 def ssim_and_cs_per_channel(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float = 1.0):
-    """(SSIM, contrast-structure) per image and channel, [B, C] each: the means of the maps of a
-    separable Gaussian window applied without padding (valid convolution)."""
-    channels, win = x.shape[1], window.numel()
-    kh = window.view(1, 1, win, 1).repeat(channels, 1, 1, 1)
-    kw = window.view(1, 1, 1, win).repeat(channels, 1, 1, 1)
-
-    def blur(t):
-        return F.conv2d(F.conv2d(t, kh, groups=channels), kw, groups=channels)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
-    sxy = blur(x * y) - mu_x * mu_y
-    cs_map = (2 * sxy + c2) / (sxx + syy + c2)
-    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    """(SSIM, contrast-structure) per image and channel, [B, C] each: the means of their maps."""
+    ssim_map, cs_map = ssim_and_cs_maps(x, y, window, data_range)
     return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
 
 

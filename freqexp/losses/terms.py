@@ -76,10 +76,16 @@ def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 7, sigma: float = 1.5
 
 
 def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float) -> torch.Tensor:
-    channels = x.shape[1]
-    g = gaussian_window(win_size, sigma, x.device)
-    kh = g.view(1, 1, win_size, 1).repeat(channels, 1, 1, 1)
-    kw = g.view(1, 1, 1, win_size).repeat(channels, 1, 1, 1)
+    ssim_map, _ = ssim_and_cs_maps(x, y, gaussian_window(win_size, sigma, x.device), data_range)
+    return ssim_map.mean()
+
+
+def ssim_and_cs_maps(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float = 1.0):
+    """(SSIM map, contrast-structure map), [B, C, H-w+1, W-w+1] each: a separable Gaussian window
+    applied per channel without padding (valid convolution). Shared by ssim and ms_ssim."""
+    channels, win = x.shape[1], window.numel()
+    kh = window.view(1, 1, win, 1).repeat(channels, 1, 1, 1)
+    kw = window.view(1, 1, 1, win).repeat(channels, 1, 1, 1)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.conv2d(t, kh, groups=channels), kw, groups=channels)
@@ -89,9 +95,8 @@ def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, da
     sxx = blur(x * x) - mu_x**2
     syy = blur(y * y) - mu_y**2
     sxy = blur(x * y) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
-    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
-    return (num / den).mean()
+    cs_map = (2 * sxy + c2) / (sxx + syy + c2)
+    return (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map, cs_map
 
 
 @LOSS_TERMS.register("ssim")
