@@ -49,11 +49,11 @@ ZOO_README ?= README.md
 # patchcore/wedge keep the native 28 px (a 4x4 patch grid): the greedy coreset over a whole class
 # at the default 64 px takes ~11 min per ratio on 2 CPU cores. `++` because the sweep's base
 # config (cae) has no input_size.
+ZOO_SWEEP   = $(PY) -m freqexp --multirun +sweep=model_zoo tracking.uri=$(ZOO_STORE)
 zoo: install  ## every model on FMNIST class 0 at one budget, then the README's model table from MLflow
-	$(PY) -m freqexp --multirun +sweep=model_zoo tracking.uri=$(ZOO_STORE) $(ARGS)
-	$(PY) -m freqexp --multirun +sweep=model_zoo model=draem augment=cutpaste,freq_cutpaste tracking.uri=$(ZOO_STORE) $(ARGS)
-	$(PY) -m freqexp --multirun +sweep=model_zoo model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 ++model.input_size=null \
-	    tracking.uri=$(ZOO_STORE) $(ARGS)
+	$(ZOO_SWEEP) $(ARGS)
+	$(ZOO_SWEEP) model=draem augment=cutpaste,freq_cutpaste $(ARGS)
+	$(ZOO_SWEEP) model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 ++model.input_size=null $(ARGS)
 	$(PY) -m freqexp.zoo --uri $(ZOO_STORE) --experiment model_zoo --readme $(ZOO_README)
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
