@@ -17,7 +17,7 @@ import freqexp.data.fashion_mnist as fm
 from freqexp.data.base import IndexBatches
 from freqexp.data.fashion_mnist import FashionMNIST
 from freqexp.data.idx import parse_idx, read_bytes
-from freqexp.data.synthetic import Synthetic, gratings, inject_defect
+from freqexp.data.synthetic import TRAIN_CHUNK, Synthetic, gratings, inject_defect, split_generator
 from freqexp.errors import ConfigError, DataError
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -566,10 +566,8 @@ def test_inject_defect_changes_pixels_inside_the_mask_only():
 
 
 def test_synthetic_anomalies_differ_from_clean_texture_mostly_inside_mask(syn):
-    # rebuild the defect-free val textures from the same generator stream (train first, then val)
-    g = torch.Generator().manual_seed(0)
-    gratings(256, 32, g)
-    clean = (gratings(64, 32, g) * 255).round().to(torch.uint8)
+    # rebuild the defect-free val textures from the val split's own generator
+    clean = (gratings(64, 32, split_generator(0, "val")) * 255).round().to(torch.uint8)
     imgs, masks, labels = syn.val.images[:, 0], syn.val.masks[:, 0], syn.val.labels
     diff = imgs != clean
     assert not diff[labels == 0].any()  # normals are the clean texture
@@ -578,6 +576,38 @@ def test_synthetic_anomalies_differ_from_clean_texture_mostly_inside_mask(syn):
         outside = (d & ~m).sum().item()
         assert inside >= 0.5 * m.sum().item()
         assert outside <= 0.1 * inside
+
+
+def test_synthetic_val_and_test_are_fixed_by_split_seed_alone(syn):
+    """limit_train and n_train change the train split only; val and test stay the same images."""
+    variants = [Synthetic.load(syn_cfg(**o)) for o in ({"limit_train": 10}, {"limit_train": 100}, {"n_train": 7},
+                                                       {"n_train": 1000, "limit_train": None})]
+    for d in variants:
+        for a, b in ((d.val, syn.val), (d.test, syn.test)):
+            assert torch.equal(a.images, b.images)
+            assert torch.equal(a.labels, b.labels)
+            assert torch.equal(a.masks, b.masks)
+    assert [len(d.train) for d in variants] == [10, 100, 7, 1000]
+    assert torch.equal(variants[-1].train.images[:256], syn.train.images)  # a larger n_train extends the split
+
+
+@pytest.mark.parametrize("k", [1, 10, TRAIN_CHUNK, TRAIN_CHUNK + 1, 100])
+def test_synthetic_limit_train_takes_the_first_images_of_the_full_split(syn, k):
+    limited = Synthetic.load(syn_cfg(limit_train=k))
+    assert torch.equal(limited.train.images, syn.train.images[:k])
+    assert torch.equal(limited.train.labels, syn.train.labels[:k])
+    assert torch.equal(Synthetic.load(syn_cfg(n_train=k)).train.images, syn.train.images[:k])
+
+
+def test_synthetic_split_seed_changes_every_split_and_splits_are_distinct(syn):
+    other = Synthetic.load(syn_cfg(split_seed=1))
+    for a, b in ((syn.train, other.train), (syn.val, other.val), (syn.test, other.test)):
+        assert not torch.equal(a.images, b.images)
+    assert not torch.equal(syn.val.masks, other.val.masks) and not torch.equal(syn.test.masks, other.test.masks)
+    # the splits are not copies of each other (distinct generators, not one stream restarted)
+    assert not torch.equal(syn.val.images[:32], syn.test.images[:32])
+    assert not torch.equal(syn.train.images[:32], syn.val.images[:32])
+    assert not torch.equal(syn.train.images[:TRAIN_CHUNK], syn.train.images[TRAIN_CHUNK : 2 * TRAIN_CHUNK])
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from freqexp.validate import make_plan
 from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = ("ideal", "gaussian", "butterworth")
+KINDS = ("ideal", "gaussian", "butterworth", "butterworth_3db")
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -41,14 +41,18 @@ def np_low(r, kind, c, n=2):
         return (r <= c).astype(np.float64)
     if kind == "gaussian":
         return np.exp(-(r**2) / (2 * c**2))
-    return 1.0 / np.sqrt(1.0 + (r / c) ** (2 * n))
+    if kind == "butterworth":  # Gonzalez & Woods / FAIR: 1 / (1 + (D / D0)^2n)
+        return 1.0 / (1.0 + (r / c) ** (2 * n))
+    return 1.0 / np.sqrt(1.0 + (r / c) ** (2 * n))  # butterworth_3db
 
 
 def np_high(r, kind, c, n=2):
     r = np.asarray(r, dtype=np.float64)
-    if kind == "butterworth":
+    if kind.startswith("butterworth"):
         with np.errstate(divide="ignore"):
-            return np.where(r > 0, 1.0 / np.sqrt(1.0 + (c / np.where(r > 0, r, 1.0)) ** (2 * n)), 0.0)
+            ratio = (c / np.where(r > 0, r, 1.0)) ** (2 * n)
+        h = 1.0 / (1.0 + ratio) if kind == "butterworth" else 1.0 / np.sqrt(1.0 + ratio)
+        return np.where(r > 0, h, 0.0)
     return 1.0 - np_low(r, kind, c, n)
 
 
@@ -100,9 +104,9 @@ def test_fft_mask_matches_closed_form(kind, passband, size):
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("passband", ["low", "high"])
-def test_butterworth_minus_3db_at_cutoff(order, passband):
+def test_butterworth_3db_is_minus_3db_at_cutoff(order, passband):
     # 40 px: fftfreq(40)[4] = 0.1 cycles/px -> r = 0.2 lies exactly on the grid
-    f = FFTFilter(kind="butterworth", passband=passband, cutoff=0.2, order=order)
+    f = FFTFilter(kind="butterworth_3db", passband=passband, cutoff=0.2, order=order)
     m = mask_np(f, 40, 40)
     r = np_radius(40, 40)
     on_circle = np.isclose(r, 0.2, atol=1e-12)
@@ -117,10 +121,23 @@ def test_butterworth_minus_3db_at_cutoff(order, passband):
 
 
 @pytest.mark.parametrize("order", [1, 2, 4])
-def test_butterworth_low_and_high_are_power_complementary(order):
-    lo = mask_np(FFTFilter("butterworth", "low", 0.25, order), 31, 95)
-    hi = mask_np(FFTFilter("butterworth", "high", 0.25, order), 31, 95)
+def test_butterworth_3db_low_and_high_are_power_complementary(order):
+    lo = mask_np(FFTFilter("butterworth_3db", "low", 0.25, order), 31, 95)
+    hi = mask_np(FFTFilter("butterworth_3db", "high", 0.25, order), 31, 95)
     np.testing.assert_allclose(lo**2 + hi**2, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_butterworth_low_and_high_are_amplitude_complementary_and_half_at_cutoff(order):
+    # the textbook (FAIR) convention: H_low + H_high = 1 everywhere but DC, and H(c) = 1/2
+    lo = mask_np(FFTFilter("butterworth", "low", 0.2, order), 40, 40)
+    hi = mask_np(FFTFilter("butterworth", "high", 0.2, order), 40, 40)
+    r = np_radius(40, 40)
+    np.testing.assert_allclose((lo + hi)[r > 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(hi[np.isclose(r, 0.2, atol=1e-12)], 0.5, atol=1e-6)
+    # the -3 dB variant is the square root of it: a gentler filter
+    hi3 = mask_np(FFTFilter("butterworth_3db", "high", 0.2, order), 40, 40)
+    np.testing.assert_allclose(hi3, np.sqrt(hi), atol=1e-6)
 
 
 def test_gaussian_value_at_cutoff():
@@ -467,6 +484,9 @@ def test_band_pass_from_the_command_line():
     [
         (["filter=fft", "filter.cutoff=0"], "filter.cutoff"),
         (["filter=fft", "filter.cutoff=1.5"], "filter.cutoff"),
+        (["filter=fft", "filter.unit=mm"], "filter.unit"),
+        (["filter=fft", "filter.unit=px", "filter.cutoff=-3"], "filter.cutoff"),
+        (["filter=fair", "filter.kind=butterworth_6db"], "filter.kind"),
         (["filter=bhpf", "filter.cutoff=0"], "filter.cutoff"),
         (["filter=ilpf", "filter.cutoff=1.5"], "filter.cutoff"),
         (["filter=fft", "filter.order=0"], "filter.order"),

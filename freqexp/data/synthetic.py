@@ -1,9 +1,15 @@
 """Generated textures with injected defects and pixel masks, so tests and quick sweeps need
 no files. Normal images: two oriented sinusoidal gratings with random phase and a little
 noise. Anomalies: one of a blob (bright or dark), a scratch, or a patch of grating at a
-perpendicular orientation; the mask marks the pixels the defect changed."""
+perpendicular orientation; the mask marks the pixels the defect changed.
+
+The split is fixed by dataset.split_seed alone: each split draws from its own generator
+(split_generator(split_seed, "train" | "val" | "test")), so n_train and limit_train never change
+the val and test images. The train split is drawn in chunks of TRAIN_CHUNK images, each from its
+own generator, so limit_train=k (or n_train=k) gives the first k images of any larger train split."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -12,6 +18,13 @@ from freqexp.data.base import DATASETS, OneClassData, Split
 from freqexp.errors import ConfigError
 
 ORIENTATION = math.pi / 4
+TRAIN_CHUNK = 64  # train images drawn per generator; a prefix of the train split is a prefix of its chunks
+
+
+def split_generator(split_seed: int, name: str) -> torch.Generator:
+    """The generator of one split (or train chunk) `name`, derived from split_seed alone."""
+    seed = int.from_bytes(hashlib.sha256(f"synthetic:{int(split_seed)}:{name}".encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed)
 
 
 def gratings(n: int, size: int, g: torch.Generator, orientation: float = ORIENTATION) -> torch.Tensor:
@@ -89,10 +102,21 @@ class Synthetic:
 
     @staticmethod
     def load(cfg) -> OneClassData:
-        g = torch.Generator().manual_seed(cfg.split_seed)
         n_train = cfg.n_train if cfg.get("limit_train") is None else min(cfg.n_train, cfg.limit_train)
-        size, ch = cfg.image_size, cfg.channels
-        train = make_split(n_train, 0, size, ch, g)
-        val = make_split(cfg.n_val - cfg.n_val // 2, cfg.n_val // 2, size, ch, g)
-        test = make_split(cfg.n_test - cfg.n_test // 2, cfg.n_test // 2, size, ch, g)
-        return OneClassData(train=Split(train.images, train.labels), val=val, test=test, info={"generator": "gratings+defects"})
+        size, ch, seed = cfg.image_size, cfg.channels, cfg.split_seed
+        train = train_images(n_train, size, ch, seed)
+        val = make_split(cfg.n_val - cfg.n_val // 2, cfg.n_val // 2, size, ch, split_generator(seed, "val"))
+        test = make_split(cfg.n_test - cfg.n_test // 2, cfg.n_test // 2, size, ch, split_generator(seed, "test"))
+        return OneClassData(train=Split(train, torch.zeros(n_train, dtype=torch.long)), val=val, test=test, info={"generator": "gratings+defects"})
+
+
+def train_images(n: int, size: int, channels: int, split_seed: int) -> torch.Tensor:
+    """The first n normal training images: whole chunks of TRAIN_CHUNK, each from its own generator,
+    cut to n (so any n gives a prefix of the same sequence)."""
+    chunks = []
+    for i in range(math.ceil(n / TRAIN_CHUNK)):
+        k = min(TRAIN_CHUNK, n - i * TRAIN_CHUNK)
+        # each chunk is drawn whole and then cut, so the last chunk's images do not depend on n
+        chunk = make_split(TRAIN_CHUNK, 0, size, channels, split_generator(split_seed, f"train:{i}")).images
+        chunks.append(chunk[:k])
+    return torch.cat(chunks)

@@ -32,11 +32,11 @@ FILTERS.register("dct")(DCTFilter)
 
 
 @FILTERS.register("fft")
-def fft_filter(kind: str = "butterworth", cutoff=0.2, order: int = 2, **rest) -> FFTFilter:
+def fft_filter(kind: str = "butterworth", cutoff=0.2, order: int = 2, unit: str = "nyquist", **rest) -> FFTFilter:
     passband = rest.pop("pass", rest.pop("passband", "high"))
     if rest:
         raise TypeError(f"unexpected option(s) {', '.join(rest)}")
-    return FFTFilter(kind=kind, passband=passband, cutoff=cutoff, order=order)
+    return FFTFilter(kind=kind, passband=passband, cutoff=cutoff, order=order, unit=unit)
 
 
 def filter_options(cfg) -> Dict[str, Any]:
