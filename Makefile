@@ -46,14 +46,15 @@ report: install  ## leaderboard from MLflow (ARGS='--experiment freqexp --sweep-
 
 ZOO_STORE  ?= sqlite:///outputs/zoo.db
 ZOO_README ?= README.md
-# patchcore/wedge keep the native 28 px (a 4x4 patch grid): the greedy coreset over a whole class
-# at the default 64 px takes ~11 min per ratio on 2 CPU cores. `++` because the sweep's base
-# config (cae) has no input_size.
+# The memory banks keep the native 28 px (a 4x4 patch grid; no centre crop): the coreset over a
+# whole class at PatchCore's 224 px (784 patches an image) takes hours on 2 CPU cores. `++`
+# because the sweep's base config (cae) has no input_size.
 ZOO_SWEEP   = $(PY) -m freqexp --multirun +sweep=model_zoo tracking.uri=$(ZOO_STORE)
 zoo: install  ## every model on FMNIST class 0 at one budget, then the README's model table from MLflow
 	$(ZOO_SWEEP) $(ARGS)
 	$(ZOO_SWEEP) model=draem augment=cutpaste,freq_cutpaste $(ARGS)
-	$(ZOO_SWEEP) model=patchcore,wedge model.sampling_ratio=1.0,0.1,0.01 ++model.input_size=null $(ARGS)
+	$(ZOO_SWEEP) model=patchcore model.sampling_ratio=1.0,0.1,0.01 ++model.input_size=null ++model.center_crop=null $(ARGS)
+	$(ZOO_SWEEP) model=wedge,patchcore_dwt model.sampling_ratio=1.0,0.1,0.01 ++model.input_size=null $(ARGS)
 	$(PY) -m freqexp.zoo --uri $(ZOO_STORE) --experiment model_zoo --readme $(ZOO_README)
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop

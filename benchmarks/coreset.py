@@ -1,16 +1,18 @@
-"""Memory-bank size against cost and accuracy: patchcore and wedge on Fashion-MNIST (normal
-class 0 by default) with banks of 100 %, 10 % and 1 % of the training patches, chosen by the
-greedy k-center coreset and at random, plus the knn and pca pixel baselines for scale.
+"""Memory-bank size against cost and accuracy: patchcore, wedge and patchcore_dwt on Fashion-MNIST
+(normal class 0 by default) with banks of 100 %, 10 % and 1 % of the training patches, chosen by
+each model's own coreset (PatchCore's approximate greedy, WEDGE-Net's exact greedy) and at
+random, plus the knn and pca pixel baselines for scale.
 
     .venv/bin/python benchmarks/coreset.py [--limit-train 1000] [--limit-test 1000]
         [--ratios 1.0 0.1 0.01] [--threads N] [ARGS...]
 
 Extra ARGS are config overrides applied to every model (e.g. hardware=gpu
-model.backbone.weights=/path/resnet18.pth model.input_size=96). Each model's training
+model.backbone.weights=/path/resnet18.pth model.input_size=64). Each model's training
 features are extracted once; every bank is built from them, so fit time = that extraction
 (shared) + the bank's own selection. Inference images/s covers the whole anomaly_map (backbone
 + nearest-neighbour search + upsampling) over the test images. AUROC is on the (limited) test
-split with the max of the map as image score (PatchCore's) and with its mean. Ratios are
+split with each model's published image score (score.reduction=auto) and with the mean of the
+map. Ratios are
 against the 100 % bank of the same model, measured in this process.
 """
 from __future__ import annotations
@@ -45,14 +47,18 @@ def batches(images, size, device):
 
 
 def score(model, test, batch_size, device):
-    """(images/s, AUROC with max, AUROC with mean) over the test split."""
+    """(images/s, AUROC with the published score, AUROC with the map's mean) over the test split."""
     sync(device)
     t0 = time.perf_counter()
-    maps = torch.cat([model.anomaly_map(x).cpu() for x in batches(test.images, batch_size, device)])
+    maps, scores = [], []
+    for x in batches(test.images, batch_size, device):
+        m, s = model.score(x)
+        maps.append(m.cpu())
+        scores.append(s.cpu())
     sync(device)
     seconds = time.perf_counter() - t0
     labels = test.labels.cpu()
-    return len(test.images) / seconds, roc_auc(reduce_map(maps, "max"), labels), roc_auc(reduce_map(maps, "mean"), labels)
+    return len(test.images) / seconds, roc_auc(torch.cat(scores), labels), roc_auc(reduce_map(torch.cat(maps), "mean"), labels)
 
 
 def observe_all(model, train, batch_size, device) -> float:
@@ -74,9 +80,10 @@ def bench_memory_bank(name, args, common):
     extract_s = observe_all(model, data.train, args.batch_size, device)
     features = list(model._observed)  # reused for every bank
     rows = []
-    settings = [(1.0, "all")] + [(r, s) for r in args.ratios if r < 1.0 for s in ("greedy", "random")]
+    own = model.sampling  # the model's coreset (PatchCore: approximate_greedy, WEDGE-Net: greedy)
+    settings = [(1.0, "all")] + [(r, s) for r in args.ratios if r < 1.0 for s in (own, "random")]
     for ratio, sampling in settings:
-        model.sampling_ratio, model.sampling = ratio, ("greedy" if sampling == "all" else sampling)
+        model.sampling_ratio, model.sampling = ratio, (own if sampling == "all" else sampling)
         model._observed = list(features)
         sync(device)
         t0 = time.perf_counter()
@@ -106,16 +113,16 @@ def bench_baseline(name, args, common, data):
 
 
 def print_table(rows):
-    head = f"{'model':9} {'ratio':>6} {'sampling':8} {'bank':>7} {'fit s':>7} {'img/s':>8} {'AUROC max':>9} {'AUROC mean':>10} | {'fit x':>6} {'bank x':>7} {'speed x':>7} {'dAUROC max':>10}"
+    head = f"{'model':13} {'ratio':>6} {'sampling':18} {'bank':>7} {'fit s':>7} {'img/s':>8} {'AUROC auto':>10} {'AUROC mean':>10} | {'fit x':>6} {'bank x':>7} {'speed x':>7} {'dAUROC auto':>11}"
     print(head)
     print("-" * len(head))
     full = {r["model"]: r for r in rows if r["ratio"] == 1.0}
     for r in rows:
         ref = full.get(r["model"])
-        rel = (f"{r['fit'] / ref['fit']:6.2f} {r['bank'] / ref['bank']:7.3f} {r['ips'] / ref['ips']:7.2f} {r['auc_max'] - ref['auc_max']:+10.4f}"
-               if ref else f"{'':6} {'':7} {'':7} {'':10}")
+        rel = (f"{r['fit'] / ref['fit']:6.2f} {r['bank'] / ref['bank']:7.3f} {r['ips'] / ref['ips']:7.2f} {r['auc_max'] - ref['auc_max']:+11.4f}"
+               if ref else f"{'':6} {'':7} {'':7} {'':11}")
         ratio = "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}"
-        print(f"{r['model']:9} {ratio:>6} {r['sampling']:8} {r['bank']:7d} {r['fit']:7.1f} {r['ips']:8.0f} {r['auc_max']:9.4f} {r['auc_mean']:10.4f} | {rel}")
+        print(f"{r['model']:13} {ratio:>6} {r['sampling']:18} {r['bank']:7d} {r['fit']:7.1f} {r['ips']:8.0f} {r['auc_max']:10.4f} {r['auc_mean']:10.4f} | {rel}")
 
 
 def main():
@@ -126,7 +133,7 @@ def main():
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.1, 0.01])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--models", nargs="+", default=["patchcore", "wedge"])
+    p.add_argument("--models", nargs="+", default=["patchcore", "wedge", "patchcore_dwt"])
     p.add_argument("--no-baselines", action="store_true", help="skip the knn and pca rows")
     args, extra = p.parse_known_args()
     if args.threads:

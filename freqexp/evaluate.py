@@ -36,8 +36,8 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        m = module.anomaly_map(to_unit_float(images[start : start + batch_size].to(device)))
-        scores.append(module.image_scores(m))
+        m, batch_scores = module.score(to_unit_float(images[start : start + batch_size].to(device)))
+        scores.append(batch_scores)
         if keep_maps:
             maps.append(m.cpu())
     s = torch.cat(scores).cpu()

@@ -119,6 +119,7 @@ def reduce_map(maps: torch.Tensor, reduction: str = "mean", topk: float = 0.05) 
 
 
 REDUCTIONS = ("mean", "max", "topk")
+SCORE_REDUCTIONS = ("auto",) + REDUCTIONS  # auto: the method's published image score
 
 
 # --------------------------------------------------------------------------- PRO

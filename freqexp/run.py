@@ -112,16 +112,18 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
-    from freqexp.data.pseudo import with_expanded_train, with_pseudo_val
+    from freqexp.data.pseudo import pseudo_generator_for, trains_on_augment, with_expanded_train, with_pseudo_val
     from freqexp.tracking import flatten
 
     quiet_lightning()
     data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
     data = with_expanded_train(data, plan.augment)
     if cfg.dataset.get("val_anomalies") == "pseudo":
-        data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed)
+        generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
+        data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
+    plan.model.check_fit(len(data.train), plan.hardware.device)
     if data.val.n_anomalous in (0, len(data.val)):
         raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
                            f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
@@ -133,6 +135,8 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     previous_sigterm = on_sigterm_raise_interrupt()
     try:
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        reduction = cfg.score.reduction
+        params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
         params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
                        "model.n_params": sum(p.numel() for p in plan.model.parameters())})
         params.update({f"data.{k}": v for k, v in data.counts().items()})

@@ -86,9 +86,18 @@ class ReconstructionModule(L.LightningModule):
             target = self.filter(target)
         return x_in, target
 
+    def compare(self, pred: torch.Tensor, target: torch.Tensor):
+        """The configured loss between a model output and the target model_io gave. With
+        filter.apply_to=both the target is filtered (a high pass leaves [0, 1], which no
+        sigmoid output reaches), so the output is filtered too: both are compared after the
+        filter, and the loss is 0 for a perfect reconstruction."""
+        if self.placement == "both":
+            pred = self.filter(pred)
+        return self.loss(pred, target)
+
     def training_step(self, x: torch.Tensor, batch_idx: int):
         x_in, target = self.model_io(x, train=True)
-        total, parts = self.model.training_loss(x_in, target, self.loss)
+        total, parts = self.model.training_loss(x_in, target, self.compare)
         self.check_and_log(total, parts, x.shape[0])
         return total
 
@@ -106,30 +115,51 @@ class ReconstructionModule(L.LightningModule):
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs)
 
     @torch.no_grad()
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        # Scores are fp32 during fit too, so the val/auroc that selects epochs is the reported one;
-        # and in eval mode (BatchNorm running statistics), so a score never depends on its batch.
+    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly maps [B,1,H,W], image scores [B]) of clean images x in [0, 1].
+        Scores are fp32 during fit too, so the val/auroc that selects epochs is the reported one;
+        and in eval mode (BatchNorm running statistics), so a score never depends on its batch.
+        score.reduction=auto gives the method's published image score (the model decides);
+        mean | max | topk reduce the map instead."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.autocast(x.device.type, enabled=False):
-                return self._anomaly_map(x.float())
+                maps, scores = self._score(x.float())
         finally:
             self.model.train(was_training)
+        reduction = self.score_cfg.get("reduction", "auto")
+        if reduction != "auto":
+            scores = reduce_map(maps, reduction, self.score_cfg.get("topk", 0.05))
+        return maps, scores
 
-    def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+    def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_in, target = self.model_io(x, train=False)
         if self.placement == "score":  # one reconstruction only: diffusion/ViT scoring is several passes
             recon = self.model.reconstruct(x_in).float()
-            return self.filter(recon - target.float()).pow(2).mean(1, keepdim=True)
-        return self.model.anomaly_map(x_in, target)
+            maps = self.filter(recon - target.float()).pow(2).mean(1, keepdim=True)
+            return maps, self.model.image_scores(maps)
+        if self.placement == "both" and self.model.residual_score and not self.model.gradient_free:
+            # the comparison of training (see compare): the filtered reconstruction vs the filtered image
+            recon = self.filter(self.model.reconstruct(x_in).float())
+            maps = (recon - target.float()).pow(2).mean(1, keepdim=True)
+            return maps, self.model.image_scores(maps)
+        return self.model.score(x_in, target)
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)[0]
 
     def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
-        return reduce_map(maps, self.score_cfg.get("reduction", "mean"), self.score_cfg.get("topk", 0.05))
+        """Image scores from maps alone: the configured reduction, or with `auto` the model's
+        reduction of the map (for a model whose published score needs more than its map, use score())."""
+        reduction = self.score_cfg.get("reduction", "auto")
+        if reduction == "auto":
+            return self.model.image_scores(maps)
+        return reduce_map(maps, reduction, self.score_cfg.get("topk", 0.05))
 
     def validation_step(self, batch, batch_idx: int):
         x, y = batch
-        self._val_scores.append(self.image_scores(self.anomaly_map(x)))
+        self._val_scores.append(self.score(x)[1])
         self._val_labels.append(y)
 
     def on_validation_epoch_end(self):

@@ -13,7 +13,7 @@ from freqexp.data import DATASETS, dataset_shape
 from freqexp.errors import ConfigError
 from freqexp.freq import build_filter
 from freqexp.losses import CompositeLoss, build_loss
-from freqexp.metrics import REDUCTIONS
+from freqexp.metrics import SCORE_REDUCTIONS
 from freqexp.models import ReconstructionModel, build_model
 from freqexp.models.base import choice, number
 from freqexp.training import OPTIMIZERS, SCHEDULERS
@@ -129,7 +129,7 @@ def make_plan(cfg) -> Plan:
     number("optim.weight_decay", o.weight_decay, 0.0)
     choice("optim.scheduler", o.scheduler, SCHEDULERS)
     number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
-    choice("score.reduction", cfg.score.reduction, REDUCTIONS)
+    choice("score.reduction", cfg.score.reduction, SCORE_REDUCTIONS)
     number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
 
     from freqexp.tracking import resolve_uri
@@ -154,7 +154,15 @@ def make_plan(cfg) -> Plan:
 
         makers = [n for n in AUGMENTS.names() if hasattr(AUGMENTS.get(n), "synthesize")]
         raise ConfigError("augment", f"model={cfg.model.name} learns from pseudo-anomalies with masks; use augment={' | '.join(makers)} (got {cfg.augment.name})")
+    from freqexp.data.pseudo import check_mask_generator, check_pseudo_validation, trains_on_augment
+
+    if model.needs_pseudo_anomalies:  # a segmentation target must cover what the paste changed
+        check_mask_generator(augment, use=f"model={cfg.model.name}'s segmentation target")
+    check_pseudo_validation(cfg.dataset, cfg.augment, trains_on_augment(model, augment))
     filter_module, placement = build_filter(cfg.filter)
+    if placement == "both" and not model.filtered_target:
+        raise ConfigError("filter.apply_to", f"model={cfg.model.name} cannot train towards a filtered target (its objective uses the "
+                          "target itself, which a high pass takes out of [0, 1]); use apply_to=input or score")
     if placement == "score" and not model.residual_score:
         raise ConfigError("filter.apply_to", f"model={cfg.model.name} does not score by a reconstruction residual, so a filter at "
                           "apply_to=score would have no effect; use input or both")

@@ -87,7 +87,7 @@ def to_markdown(table: pd.DataFrame, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-GRADIENT_FREE = ("knn", "pca", "patchcore", "wedge")
+GRADIENT_FREE = ("knn", "pca", "patchcore", "wedge", "patchcore_dwt")
 
 
 def replace_section(text: str, body: str) -> str:

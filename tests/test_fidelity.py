@@ -63,3 +63,290 @@ def test_cutoff_in_pixels_is_fairs_d0_at_any_size():
     gray = np.random.default_rng(2).random((128, 128))
     got = module(torch.from_numpy(gray)[None, None].float()).double().numpy()[0, 0]
     np.testing.assert_allclose(got, fair_bhpf_numpy(gray, d0=30), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- PatchCore
+from scipy import ndimage  # noqa: E402
+
+from freqexp.models.memory_bank import PatchCore, approximate_greedy_coreset, gaussian_filter, reweighted_max  # noqa: E402
+
+TINY_PATCHCORE = dict(input_size=32, center_crop=None, feature_dim=12, pretrain_dim=20, projection_dim=None, smooth_sigma=0.0)
+
+
+def eq7_numpy(test_feats: np.ndarray, bank: np.ndarray, b: int) -> float:
+    """PatchCore eq. 7 for one image from its patch features [P, D] and a bank [M, D]."""
+    d = np.sqrt(((test_feats[:, None, :] - bank[None]) ** 2).sum(-1))  # [P, M]
+    nearest = d.argmin(1)
+    patch_scores = d[np.arange(len(d)), nearest]
+    p = int(patch_scores.argmax())
+    s_star, m_star = patch_scores[p], bank[nearest[p]]
+    neighbours = np.argsort(np.sqrt(((bank - m_star) ** 2).sum(1)))[:b]  # N_b(m*), m* itself first
+    dist_to_neighbours = np.sqrt(((bank[neighbours] - test_feats[p]) ** 2).sum(1))
+    weight = 1 - np.exp(np.sqrt(((test_feats[p] - m_star) ** 2).sum())) / np.exp(dist_to_neighbours).sum()
+    return weight * s_star
+
+
+def test_patchcore_reweighted_max_on_a_hand_built_bank():
+    # bank: a tight cluster near the origin and one isolated point; two test images of 3 patches
+    bank = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [3.0, 3.0]])
+    feats = torch.tensor([[[0.05, 0.05], [0.5, 0.4], [0.0, 0.02]],    # worst patch near the dense cluster
+                          [[0.0, 0.0], [2.0, 2.2], [0.1, 0.1]]])      # worst patch near the isolated point
+    d = torch.cdist(feats.reshape(-1, 2), bank)
+    dist, index = d.min(1)
+    got = reweighted_max(dist.view(2, 3), index.view(2, 3), feats, bank, b=3)
+    for i in range(2):
+        assert float(got[i]) == pytest.approx(eq7_numpy(feats[i].numpy().astype(np.float64), bank.numpy().astype(np.float64), 3), rel=1e-5)
+    # b = 1: the official repository's plain max of the patch scores
+    plain = reweighted_max(dist.view(2, 3), index.view(2, 3), feats, bank, b=1)
+    np.testing.assert_allclose(plain.numpy(), dist.view(2, 3).max(1).values.numpy())
+
+
+def test_patchcore_score_is_eq7_over_its_own_features():
+    torch.manual_seed(0)
+    model = PatchCore((1, 28, 28), sampling_ratio=0.5, **TINY_PATCHCORE)
+    train, test = torch.rand(6, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    model.observe(train)
+    model.finalize()
+    _, scores = model.score(test)
+    feats = model.raw_features(test).double().numpy()  # [B, h, w, D]
+    bank = model.memory_bank.double().numpy()
+    for i in range(3):
+        assert float(scores[i]) == pytest.approx(eq7_numpy(feats[i].reshape(-1, feats.shape[-1]), bank, 9), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape,sigma", [((20, 20), 4.0), ((64, 48), 4.0), ((7, 9), 1.5)])
+def test_map_smoothing_is_scipy_gaussian_filter(shape, sigma):
+    # PatchCore and WEDGE-Net smooth with scipy.ndimage.gaussian_filter(map, sigma=4): reflect mode,
+    # truncate 4; also when the kernel radius (16) exceeds the map
+    m = np.random.default_rng(3).random(shape)
+    got = gaussian_filter(torch.from_numpy(m)[None, None].float(), sigma).double().numpy()[0, 0]
+    np.testing.assert_allclose(got, ndimage.gaussian_filter(m, sigma=sigma), atol=1e-5)
+
+
+def test_patchcore_map_is_upsampled_then_smoothed_with_sigma_4():
+    torch.manual_seed(0)
+    model = PatchCore((1, 28, 28), sampling_ratio=1.0, **{**TINY_PATCHCORE, "input_size": None, "smooth_sigma": 4.0})
+    model.observe(torch.rand(4, 1, 28, 28))
+    model.finalize()
+    test = torch.rand(2, 1, 28, 28)
+    patch = model.patch_scores(test)
+    maps, _ = model.score(test)
+    for i in range(2):
+        up = torch.nn.functional.interpolate(patch[i : i + 1], size=(28, 28), mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(maps[i, 0].numpy(), ndimage.gaussian_filter(up.double().numpy(), sigma=4), atol=1e-5)
+
+
+def adaptive_avg_pool_1d_numpy(v: np.ndarray, out: int) -> np.ndarray:
+    n = len(v)
+    return np.array([v[(i * n) // out: -(-((i + 1) * n) // out)].mean() for i in range(out)])
+
+
+def test_patchcore_features_follow_the_official_mean_mapper_and_aggregator():
+    # per layer: the (C, 3, 3) zero-padded neighbourhood of each location, flattened channel-major,
+    # adaptive-average-pooled to pretrain_dim; deeper grids bilinearly upsampled first; the layers'
+    # vectors concatenated and pooled to feature_dim
+    torch.manual_seed(0)
+    model = PatchCore((1, 32, 32), **TINY_PATCHCORE)
+    x = torch.rand(1, 1, 32, 32)
+    maps = model.extractor(x)
+    f2, f3 = maps["layer2"][0].double().numpy(), maps["layer3"][0].double().numpy()  # [C, 4, 4], [C, 2, 2]
+
+    def neighbourhoods(f):  # [C, h, w] -> [h, w, C*9]
+        c, h, w = f.shape
+        p = np.pad(f, ((0, 0), (1, 1), (1, 1)))
+        return np.stack([np.stack([p[:, y:y + 3, x:x + 3].reshape(-1) for x in range(w)]) for y in range(h)])
+
+    n2 = neighbourhoods(f2)
+    n3 = neighbourhoods(f3)  # upsample each of the C*9 channels from 2x2 to 4x4 (torch's bilinear as the reference's)
+    n3 = torch.nn.functional.interpolate(torch.from_numpy(n3).permute(2, 0, 1)[None], size=(4, 4), mode="bilinear",
+                                         align_corners=False)[0].permute(1, 2, 0).numpy()
+    got = model.raw_features(x)[0].double().numpy()  # [4, 4, 12]
+    for y in range(4):
+        for x_ in range(4):
+            v = np.concatenate([adaptive_avg_pool_1d_numpy(n2[y, x_], 20), adaptive_avg_pool_1d_numpy(n3[y, x_], 20)])
+            np.testing.assert_allclose(got[y, x_], adaptive_avg_pool_1d_numpy(v, 12), rtol=1e-4, atol=1e-6)
+
+
+def test_approximate_greedy_coreset_follows_patchcore():
+    # start: each row's mean distance to 10 random rows; then the farthest row, k times
+    feats = torch.randn(200, 5, generator=torch.Generator().manual_seed(4))
+    got = approximate_greedy_coreset(feats, 15, torch.Generator().manual_seed(7)).tolist()
+    starts = torch.randperm(200, generator=torch.Generator().manual_seed(7))[:10].numpy()
+    f = feats.double().numpy()
+    d = np.sqrt(((f[:, None] - f[None, starts]) ** 2).sum(-1)).mean(1)
+    chosen = []
+    for _ in range(15):
+        i = int(d.argmax())
+        chosen.append(i)
+        d = np.minimum(d, np.sqrt(((f - f[i]) ** 2).sum(1)))
+    assert got == chosen
+
+
+def test_patchcore_defaults_are_the_papers():
+    cfg = compose_cfg(["model=patchcore"]).model
+    assert cfg.backbone.arch == "wide_resnet50_2" and list(cfg.layers) == ["layer2", "layer3"]
+    assert (cfg.input_size, cfg.center_crop, cfg.patch_size) == (256, 0.875, 3)
+    assert (cfg.feature_dim, cfg.pretrain_dim, cfg.sampling, cfg.sampling_ratio, cfg.projection_dim) == (1024, 1024, "approximate_greedy", 0.1, 128)
+    assert (cfg.smooth_sigma, cfg.reweight_neighbours) == (4.0, 9)
+    model = PatchCore((3, 300, 300), backbone={"arch": "resnet18"}, **{k: v for k, v in cfg.items() if k not in ("name", "backbone")})
+    assert model.extractor.backbone_size() == (224, 224) and model.patches_per_image() == 28 * 28
+
+
+# ----------------------------------------------------------------------------- DRAEM
+from freqexp.models import MODELS  # noqa: E402
+from freqexp.models.draem import draem_score_pool  # noqa: E402
+
+
+def draem_score_numpy(prob: np.ndarray, k: int) -> float:
+    """DRAEM's test script: avg_pool2d(P(anomalous), k, stride 1, padding k // 2) with the zero
+    padding counted in the mean (divide by k^2 everywhere), then the maximum."""
+    h, w = prob.shape
+    p = np.pad(prob, k // 2)
+    pooled = np.array([[p[y:y + k, x:x + k].sum() / k**2 for x in range(w)] for y in range(h)])
+    return float(pooled.max())
+
+
+@pytest.mark.parametrize("size,pool", [(64, 21), (28, 3), (40, 5)])
+def test_draem_image_score_is_the_max_of_the_mean_pooled_map(size, pool):
+    model = MODELS.get("draem")((1, size, size), channels=[8, 16], seg_channels=[8, 16], score_pool=pool)
+    prob = torch.from_numpy(np.random.default_rng(size).random((2, 1, size, size))).float()
+    prob[0, 0, :6, :6] = 1.0  # a corner blob: zero padding must pull its pooled value down
+    got = model.image_scores(prob)
+    for i in range(2):
+        assert float(got[i]) == pytest.approx(draem_score_numpy(prob[i, 0].double().numpy(), pool), rel=1e-5)
+
+
+def test_draem_pool_auto_keeps_21_px_at_256_px():
+    assert draem_score_pool("auto", (256, 256)) == 21
+    assert draem_score_pool("auto", (28, 28)) == 3  # 21 * 28 / 256 = 2.3 -> the nearest odd size
+    assert draem_score_pool("auto", (512, 512)) == 43
+    assert draem_score_pool("auto", (8, 8)) == 1
+
+
+# ----------------------------------------------------------------------------- WEDGE-Net
+from freqexp.models.wedge import WedgeNet  # noqa: E402
+
+
+def test_wedge_feature_layout_and_shapes():
+    torch.manual_seed(0)
+    on = WedgeNet((3, 64, 64), backbone={"arch": "resnet50"}, input_size=224)
+    off = WedgeNet((3, 64, 64), backbone={"arch": "resnet50"}, input_size=224, use_semantic=False)
+    assert on.feature_width() == 512 + 1024 + 512 and off.feature_width() == 512 + 1024
+    x = torch.rand(1, 3, 64, 64)
+    feats = on.raw_features(x)
+    assert feats.shape == (1, 28, 28, 2048)  # layer2's grid at 224 px
+
+
+def test_wedge_blocks_are_l2_normalised_gated_features_and_the_semantic_block():
+    torch.manual_seed(0)
+    model = WedgeNet((1, 32, 32), input_size=64)  # resnet18: C2 = 128, C3 = 256, an 8x8 grid
+    x = torch.rand(2, 1, 32, 32)
+    normalised = model.extractor.prepare_input(x)
+    f2 = model.extractor.net.features(normalised, ["layer2"])["layer2"].double().numpy()  # [2, 128, 8, 8]
+    feats = model.streams(x)[0].double().numpy()  # [2, 512, 8, 8], after the 3x3 average pooling
+    # undo nothing: compare the pooled semantic block with the formula pooled the same way
+    amp = np.abs(f2).mean(1, keepdims=True)
+    lo, hi = amp.min(axis=(1, 2, 3), keepdims=True), amp.max(axis=(1, 2, 3), keepdims=True)
+    semantic = (amp - lo) / (hi - lo + 1e-6)
+    block = f2 / np.maximum(np.sqrt((f2**2).sum(1, keepdims=True)), 1e-12) * semantic * 2.0
+    padded = np.pad(block, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    pooled = sum(padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)) / 9  # zeros counted
+    np.testing.assert_allclose(feats[:, 384:], pooled, rtol=1e-4, atol=1e-6)
+    # the gated layer2 block: unit L2 norm over channels at every location before pooling, so at an
+    # interior location of a pooled map the norm is at most 1
+    assert np.sqrt((feats[:, :128, 1:-1, 1:-1] ** 2).sum(1)).max() <= 1 + 1e-5
+
+
+def test_wedge_guidance_is_the_min_max_normalised_total_haar_energy():
+    from freqexp.models.wedge import guidance_map, wedge_dwt_kernels
+
+    x = torch.from_numpy(np.random.default_rng(5).random((1, 3, 12, 12))).float()
+    got = guidance_map(x, wedge_dwt_kernels("haar"), "haar")[0, 0].double().numpy()
+    gray = 0.299 * x[0, 0].double().numpy() + 0.587 * x[0, 1].double().numpy() + 0.114 * x[0, 2].double().numpy()
+    energy = np.zeros((12, 12))
+    for y in range(11):  # stride-1 2x2 orthonormal haar: LL^2+LH^2+HL^2+HH^2 = the block's sum of squares
+        for x_ in range(11):
+            energy[y, x_] = np.sqrt((gray[y:y + 2, x_:x_ + 2] ** 2).sum())
+    expected = (energy - energy.min()) / (energy.max() - energy.min() + 1e-6)  # last row/col: zero padding
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_wedge_image_score_is_the_max_of_the_smoothed_map_at_the_backbone_size():
+    torch.manual_seed(0)
+    model = WedgeNet((1, 32, 32), input_size=64, sampling_ratio=0.5)
+    model.observe(torch.rand(4, 1, 32, 32))
+    model.finalize()
+    test = torch.rand(2, 1, 32, 32)
+    _, scores = model.score(test)
+    patch = model.patch_scores(test)
+    for i in range(2):
+        up = torch.nn.functional.interpolate(patch[i : i + 1], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        assert float(scores[i]) == pytest.approx(ndimage.gaussian_filter(up.double().numpy(), sigma=4).max(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- default image scores
+@pytest.mark.parametrize("model,expected", [
+    ("cae", "mean"), ("vae", "mean"), ("memae", "mean"), ("ganomaly", "mean"), ("ddpm", "mean"),
+    ("draem", "max of the 3x3 mean-pooled"), ("patchcore", "re-weighted by its 9 bank neighbours"),
+    ("wedge", "max of the sigma-4 smoothed"),
+])
+def test_each_models_default_image_score_is_its_papers(model, expected):
+    from freqexp.validate import make_plan
+
+    cfg = compose_cfg([f"model={model}", "dataset=synthetic", "hardware=cpu"]
+                      + (["model.backbone.arch=resnet18", "model.input_size=64"] if model in ("patchcore", "wedge") else []))
+    assert cfg.score.reduction == "auto"
+    assert make_plan(cfg).model.score_description().startswith(expected) or expected in make_plan(cfg).model.score_description()
+
+
+def test_auto_score_of_a_reconstruction_model_is_the_mean_squared_error():
+    from freqexp.training import build_module
+    from freqexp.validate import make_plan
+
+    cfg = compose_cfg(["model=cae", "dataset=synthetic", "hardware=cpu", "loss=mse"])
+    module = build_module(make_plan(cfg), cfg)
+    x = torch.rand(3, 1, 32, 32)
+    maps, scores = module.score(x)
+    recon = module.model.eval().reconstruct(x)
+    np.testing.assert_allclose(scores.numpy(), ((recon - x) ** 2).mean((1, 2, 3)).detach().numpy(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- filter.apply_to=both
+@pytest.mark.parametrize("filt", ["bhpf", "fair", "dwt", "dct"])
+def test_apply_to_both_trains_towards_a_reachable_target(filt):
+    """A high pass takes the target out of [0, 1]; every decoder ends in a sigmoid. The training
+    objective compares the filtered output with the filtered image, so a model that reproduces
+    its input drives the loss to zero; the old objective (sigmoid output vs filtered image) has
+    a floor of about half the filtered image's energy outside [0, 1]."""
+    from freqexp.training import build_module
+    from freqexp.validate import make_plan
+
+    cfg = compose_cfg(["model=cae", "dataset=synthetic", "hardware=cpu", "loss=mse", f"filter={filt}", "filter.apply_to=both"])
+    module = build_module(make_plan(cfg), cfg)
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    x_in, target = module.model_io(x, train=True)
+    floor = float((target.clamp(0, 1) - target).pow(2).mean())  # the best any [0,1] output can do against it
+    assert floor > 1e-3
+    # a memorising "model": one free logit per pixel, trained through the module's own comparison
+    logits = torch.zeros_like(x, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        loss, _ = module.compare(torch.sigmoid(logits), target)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.05 * floor
+    assert float(module.compare(x, target)[0]) < 1e-10  # a perfect reconstruction scores 0
+    with torch.no_grad():
+        maps, scores = module.score(x)
+    assert maps.shape == (8, 1, 32, 32) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("model", ["ddpm", "ganomaly", "vit_ad"])
+def test_apply_to_both_is_refused_where_the_objective_uses_the_target_itself(model):
+    from freqexp.errors import ConfigError
+    from freqexp.validate import make_plan
+
+    with pytest.raises(ConfigError) as err:
+        make_plan(compose_cfg([f"model={model}", "dataset=synthetic", "hardware=cpu", "filter=bhpf", "filter.apply_to=both"]))
+    assert err.value.key == "filter.apply_to" and "\n" not in str(err.value)

@@ -72,7 +72,7 @@ def test_ganomaly_steps_both_optimizers_and_their_schedulers(ganomaly_one_step):
     d_ids = {id(p) for p in opt_d.param_groups[0]["params"]}
     assert not g_ids & d_ids
     assert d_ids == {id(p) for p in module.model.discriminator.parameters()}
-    for key in ("train/loss", "train/loss_adv", "train/loss_con", "train/loss_lat", "train/loss_disc", "train/loss_mse"):
+    for key in ("train/loss", "train/loss_adv", "train/loss_con", "train/loss_lat", "train/loss_disc", "train/loss_l1"):  # l1: the recipe
         assert math.isfinite(float(trainer.callback_metrics[key])), key
     m = trainer.callback_metrics
     assert float(m["train/loss"]) == pytest.approx(float(m["train/loss_adv"] + m["train/loss_con"] + m["train/loss_lat"]), rel=1e-5)

@@ -1,4 +1,4 @@
-"""Memory-bank detectors (patchcore, wedge), their ResNet backbone, and the pixel baselines
+"""Memory-bank detectors (patchcore, patchcore_dwt, wedge), their ResNet backbone, and the pixel baselines
 (knn, pca), each checked against an independent reference: torchvision's published parameter
 counts, brute-force numpy loops, scikit-learn and pywavelets."""
 from __future__ import annotations
@@ -13,9 +13,11 @@ from freqexp.errors import ConfigError
 from freqexp.models import memory_bank as mb
 from freqexp.models.backbone import FeatureExtractor, ResNet
 from freqexp.models.baselines import NearestImage, PCAReconstruction
-from freqexp.models.memory_bank import PatchCore, WedgeNet, greedy_coreset, nearest_distance
+from freqexp.models.memory_bank import PatchCore, PatchCoreDWT, greedy_coreset, nearest_distance
+from freqexp.models.wedge import WedgeNet
 
-SMALL = dict(input_size=32, feature_dim=16, projection_dim=8, smooth_sigma=0.0)  # 4x4 patch grid
+SMALL = dict(input_size=32, center_crop=None, feature_reduction="avgpool", feature_dim=16, pretrain_dim=16, projection_dim=8,
+             smooth_sigma=0.0)  # 4x4 patch grid, resnet18
 
 
 def images(n: int, shape=(1, 16, 16), seed: int = 0) -> torch.Tensor:
@@ -84,7 +86,7 @@ def test_weights_file_round_trips_and_bad_files_name_the_key(tmp_path):
 def test_random_backbone_warns_and_stays_frozen(caplog):
     with caplog.at_level(logging.WARNING, logger="freqexp"):
         model = PatchCore((1, 16, 16), **SMALL)
-    assert "random" in caplog.text and "PatchCore" in caplog.text
+    assert "random" in caplog.text and "not the published method's" in caplog.text
     before = {k: v.clone() for k, v in model.extractor.state_dict().items()}
     model.train()
     assert not model.extractor.training and not any(p.requires_grad for p in model.parameters())
@@ -150,10 +152,10 @@ def test_channel_reductions():
     np.testing.assert_allclose(mb.reduce_channels(feats, 8).numpy(), expected, rtol=1e-6)
     x = images(4)
     widths = {}
-    for reduction in ("avgpool", "projection", "none"):
+    for reduction in ("patchcore", "avgpool", "projection", "none"):
         model = PatchCore((1, 16, 16), **{**SMALL, "feature_reduction": reduction, "feature_dim": 10})
         widths[reduction] = model.raw_features(x).shape
-    assert widths == {"avgpool": (4, 4, 4, 10), "projection": (4, 4, 4, 10), "none": (4, 4, 4, 128 + 256)}
+    assert widths == {"patchcore": (4, 4, 4, 10), "avgpool": (4, 4, 4, 10), "projection": (4, 4, 4, 10), "none": (4, 4, 4, 128 + 256)}
 
 
 @pytest.mark.parametrize("ratio", [0, 1.5, -0.1, "half"])
@@ -188,14 +190,14 @@ def test_fit_is_deterministic_under_the_seed_and_finalize_idempotent():
     assert torch.equal(b.memory_bank, bank)
 
 
-# -- WEDGE-Net streams
+# -- patchcore_dwt streams
 
 
 def test_dwt_stream_matches_pywt_haar():
     import pywt
 
     x = images(2, (1, 16, 16), seed=3)
-    model = WedgeNet((1, 16, 16), wavelet="haar", use_semantic=False, **SMALL)
+    model = PatchCoreDWT((1, 16, 16), wavelet="haar", use_semantic=False, **SMALL)
     filters = {k: getattr(model, k) for k in ("dec_lo", "dec_hi", "rec_lo", "rec_hi")}
     got = mb.dwt_magnitudes(x, filters, (4, 4)).numpy()
     for i in range(2):
@@ -207,13 +209,13 @@ def test_dwt_stream_matches_pywt_haar():
 
 def test_wedge_streams_are_balanced_by_freq_weight():
     x = images(16)
-    model = fitted(WedgeNet, x, sampling_ratio=1.0, freq_weight=0.5, wavelet="bior2.2", **SMALL)
+    model = fitted(PatchCoreDWT, x, sampling_ratio=1.0, freq_weight=0.5, wavelet="bior2.2", **SMALL)
     cnn, freq = model.memory_bank.split([16, 3], dim=1)
     assert model.memory_bank.shape == (256, 19)
     torch.testing.assert_close(freq.norm(dim=1).mean(), 0.5 * cnn.norm(dim=1).mean(), rtol=1e-4, atol=0)
     # with the frequency stream off and no semantic attention, wedge is PatchCore
     torch.manual_seed(0)
-    plain = fitted(WedgeNet, x, sampling_ratio=1.0, freq_weight=0.0, use_semantic=False, **SMALL)
+    plain = fitted(PatchCoreDWT, x, sampling_ratio=1.0, freq_weight=0.0, use_semantic=False, **SMALL)
     torch.manual_seed(0)
     core = fitted(PatchCore, x, sampling_ratio=1.0, **SMALL)
     torch.testing.assert_close(plain.memory_bank[:, :16], core.memory_bank)
@@ -223,9 +225,9 @@ def test_wedge_streams_are_balanced_by_freq_weight():
 def test_semantic_attention_reweights_by_one_plus_normalized_energy():
     x = images(4)
     torch.manual_seed(0)
-    off = WedgeNet((1, 16, 16), use_semantic=False, **SMALL)
+    off = PatchCoreDWT((1, 16, 16), use_semantic=False, **SMALL)
     torch.manual_seed(0)
-    on = WedgeNet((1, 16, 16), use_semantic=True, **SMALL)
+    on = PatchCoreDWT((1, 16, 16), use_semantic=True, **SMALL)
     cnn_off, cnn_on = off.streams(x)[0], on.streams(x)[0]
     ratio = cnn_on / cnn_off  # a per-position factor shared by all channels, in [1, 2], max 2 per image
     torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
@@ -238,7 +240,9 @@ def test_semantic_attention_reweights_by_one_plus_normalized_energy():
 
 @pytest.mark.parametrize("cls, options", [
     (PatchCore, dict(sampling_ratio=0.25, **SMALL)),
-    (WedgeNet, dict(sampling_ratio=0.25, sampling="random", **SMALL)),
+    (PatchCoreDWT, dict(sampling_ratio=0.25, sampling="random", **SMALL)),
+    (WedgeNet, dict(sampling_ratio=0.25, input_size=32, smooth_sigma=4.0)),
+    (PatchCore, dict(sampling_ratio=0.25, **{**SMALL, "feature_reduction": "patchcore", "center_crop": 0.875, "smooth_sigma": 4.0})),
     (PatchCore, dict(sampling_ratio=1.0, **{**SMALL, "feature_reduction": "projection"})),
     (NearestImage, dict(k=2)),
     (PCAReconstruction, dict(n_components=5)),

@@ -216,8 +216,9 @@ class MeanOfChannels:
     def anomaly_map(self, x):
         return x.mean(1, keepdim=True)
 
-    def image_scores(self, maps):
-        return metrics.reduce_map(maps, "max")
+    def score(self, x):
+        maps = self.anomaly_map(x)
+        return maps, metrics.reduce_map(maps, "max")
 
 
 def split_with_masks(seed: int, masks: np.ndarray) -> Split:

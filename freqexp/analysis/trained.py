@@ -26,7 +26,7 @@ def load_run(uri: str, run_id, hardware_cfg):
     from mlflow.tracking import MlflowClient
 
     from freqexp.data import build_dataset
-    from freqexp.data.pseudo import with_pseudo_val
+    from freqexp.data.pseudo import pseudo_generator_for, trains_on_augment, with_pseudo_val
     from freqexp.tracking import resolve_uri
     from freqexp.training import build_module
     from freqexp.validate import make_plan
@@ -53,7 +53,8 @@ def load_run(uri: str, run_id, hardware_cfg):
     module = build_module(plan, run_cfg).to(plan.hardware.device).eval()
     data = build_dataset(run_cfg.dataset)
     if run_cfg.dataset.get("val_anomalies") == "pseudo":
-        data = with_pseudo_val(data, plan.augment, run_cfg.dataset.split_seed)
+        generator = pseudo_generator_for(run_cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
+        data = with_pseudo_val(data, plan.augment, run_cfg.dataset.split_seed, generator=generator)
     return run_cfg, module, data
 
 
@@ -133,7 +134,7 @@ def robustness(cfg, out_dir: Path, device, **_) -> AnalysisResult:
         for value in a[kind]:
             g = torch.Generator().manual_seed(cfg.seed)
             xp = PERTURBATIONS[kind](x, float(value), g)
-            scores = batched(lambda b: module.image_scores(module.anomaly_map(b)), xp, device)
+            scores = batched(lambda b: module.score(b)[1], xp, device)
             normal, anomalous = scores[y == 0], scores[y == 1]
             margin = float((anomalous.mean() - normal.mean()) / normal.std().clamp_min(1e-12))
             rows.append({"perturbation": kind, "value": float(value), "test_auroc": roc_auc(scores, y),

@@ -11,9 +11,19 @@ freq_cutpaste integration strategies (the frequency-aware scaled CutPaste study)
                    (dual_mode=mix) or one chosen at random (dual_mode=random)
     freq_weighted  per-band weights applied in the FFT domain to the patch source, then paste
 High-passed sources get the image's mean added back so the patch stays in the image's range.
+
+Two things each generator declares for its users (freqexp.data.pseudo):
+    synthesis_key()      what determines the pseudo-anomalies synthesize() draws (kind and the
+                         options that matter; not p, which only mixes them into training batches):
+                         equal keys = the same generator, e.g. scaled_cutpaste with scale [1, 1]
+                         and cutpaste with the same area and aspect
+    mask_covers_change   False when pixels outside the mask change too (freq_cutpaste with
+                         strategy=image_filter filters the whole image): such masks are no target
+                         for a segmenter (DRAEM) and no fair pseudo-validation set
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -93,6 +103,11 @@ class CutPaste(nn.Module):
         return out, mask & changed if self.exact_mask else mask
 
     exact_mask = True  # mask only pixels that really changed (a patch pasted onto its own copy changes nothing)
+    mask_covers_change = True  # every pixel synthesize() changes lies inside its mask
+
+    def synthesis_key(self) -> tuple:
+        """What the pseudo-anomalies depend on; equal keys = the same generator (p is left out)."""
+        return ("cutpaste", self.area, self.aspect, self.scale)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Training: the model sees a fraction p of the batch with a pasted patch; target stays clean."""
@@ -152,8 +167,10 @@ class FrequencyCutPaste(CutPaste):
         if dual_mode not in ("mix", "random"):
             raise ConfigError("augment.dual_mode", f"must be mix or random; got {dual_mode!r}")
         self.strategy, self.dual_mode = strategy, dual_mode
-        self.filter = _filter(patch_filter or {"name": "fft", "kind": "butterworth", "pass": "high", "cutoff": 0.2, "order": 2}, "augment.patch_filter")
-        self.low = _filter(low_filter or {"name": "fft", "kind": "butterworth", "pass": "low", "cutoff": 0.2, "order": 2}, "augment.low_filter")
+        self.patch_filter_spec = patch_filter or {"name": "fft", "kind": "butterworth", "pass": "high", "cutoff": 0.2, "order": 2}
+        self.low_filter_spec = low_filter or {"name": "fft", "kind": "butterworth", "pass": "low", "cutoff": 0.2, "order": 2}
+        self.filter = _filter(self.patch_filter_spec, "augment.patch_filter")
+        self.low = _filter(self.low_filter_spec, "augment.low_filter")
         self.restore_mean = not _keeps_dc(self.filter)
         w = list(band_weights) if not isinstance(band_weights, (str, int, float)) else []
         if len(w) != len(BAND_NAMES) or not all(isinstance(v, (int, float)) and v >= 0 for v in w):
@@ -189,3 +206,17 @@ class FrequencyCutPaste(CutPaste):
     @property
     def exact_mask(self):  # image_filter changes every pixel; the anomaly is where the patch went
         return self.strategy != "image_filter"
+
+    @property
+    def mask_covers_change(self) -> bool:  # image_filter changes every pixel, its mask marks the patch only
+        return self.strategy != "image_filter"
+
+    def synthesis_key(self) -> tuple:
+        spec = lambda d: json.dumps(d, sort_keys=True, default=str)  # noqa: E731
+        used = {  # the options each strategy reads
+            "patch_filter": (spec(self.patch_filter_spec),),
+            "image_filter": (spec(self.patch_filter_spec),),
+            "dual_path": (spec(self.patch_filter_spec), spec(self.low_filter_spec), self.dual_mode),
+            "freq_weighted": (tuple(self.band_weights), tuple(self.band_edges)),
+        }[self.strategy]
+        return ("freq_cutpaste", self.area, self.aspect, self.scale, self.strategy, *used)

@@ -1,6 +1,7 @@
 """Frequency filters. A filter is an nn.Module mapping [B,C,H,W] -> [B,C,H,W]; where it acts
-is `filter.apply_to`: input (FAIR: filtered input, original target), both, or score
-(the residual is filtered before it becomes the anomaly map).
+is `filter.apply_to`: input (FAIR: filtered input, original target), both (filtered input;
+the reconstruction is filtered too and compared with the filtered image, a target any model can
+reach), or score (the residual is filtered before it becomes the anomaly map).
 
 Config `filter.name` picks the family (none, fft, dwt, dct); the other keys are its options.
 In yaml the FFT pass band is `pass` (low | high | band), a Python keyword, hence `passband`

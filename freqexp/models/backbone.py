@@ -11,7 +11,8 @@ global RNG, which the run seeds: the pipeline then works, but the features are r
 projections, not ImageNet features, and results are not PatchCore's.
 
 `FeatureExtractor` wraps the ResNet as the detectors use it: grayscale repeated to 3 channels,
-optional resize (`input_size`), ImageNet normalization, and the outputs of the named layers.
+optional resize (`input_size`) and centre crop (`center_crop`, PatchCore's 224 of 256), ImageNet
+normalization, and the outputs of the named layers.
 Layers after the last one used are dropped, so they cost neither time nor space in model.pt."""
 from __future__ import annotations
 
@@ -208,19 +209,40 @@ def parse_input_size(value: Any, key: str = "model.input_size") -> Optional[tupl
     return size[0], size[1]
 
 
+def parse_center_crop(value: Any, key: str = "model.center_crop") -> Optional[float]:
+    """null / 1.0 (no crop) or the fraction of each side a centre crop keeps, in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(key, f"must be null or the fraction of each side kept by a centre crop, in (0, 1] (PatchCore: 224/256 = 0.875); got {value!r}")
+    return None if value == 1 else float(value)
+
+
+def crop_box(height: int, width: int, fraction: Optional[float]) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of a centre crop keeping `fraction` of each side,
+    placed as torchvision's CenterCrop places it."""
+    if fraction is None:
+        return 0, 0, height, width
+    ch, cw = max(1, int(round(height * fraction))), max(1, int(round(width * fraction)))
+    return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0)), ch, cw
+
+
 class FeatureExtractor(nn.Module):
     """Images in [0, 1] -> {layer name: feature map}, through a frozen ResNet in eval mode.
     Runs in fp32 with autocast off, so the bank (built under the trainer's mixed precision)
     and the test features (scored in fp32) are computed the same way."""
 
-    def __init__(self, in_shape: tuple[int, int, int], layers: Sequence[str], backbone: Any = None, input_size: Any = None):
+    def __init__(self, in_shape: tuple[int, int, int], layers: Sequence[str], backbone: Any = None, input_size: Any = None,
+                 center_crop: Any = None):
         super().__init__()
         opts = backbone_options(backbone)
         channels, height, width = in_shape
         if channels not in (1, 3):
             raise ConfigError("model.backbone", f"an ImageNet ResNet needs 1 (repeated) or 3 channel images; got {channels}")
         self.input_size = parse_input_size(input_size)
-        side = min(self.input_size) if self.input_size else min(height, width)
+        self.center_crop = parse_center_crop(center_crop)
+        self.image_size = (height, width)
+        side = min(self.backbone_size())
         if side < 16:
             raise ConfigError("model.input_size", f"{height}x{width} images are too small for the ResNet's stride-16 layer3; set model.input_size (e.g. 64) to upsample them")
         self.layers = list(layers)
@@ -230,7 +252,7 @@ class FeatureExtractor(nn.Module):
             load_weights(self.net, self.weights)
         else:
             log.warning("model.backbone.weights is not set: the %s has random weights, so its features are random and results are not "
-                        "PatchCore's (give a torchvision ImageNet state dict .pth for real features)", opts["arch"])
+                        "the published method's (give a torchvision ImageNet state dict .pth for real features)", opts["arch"])
         self.net.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -242,13 +264,33 @@ class FeatureExtractor(nn.Module):
         # frozen: BatchNorm keeps its running statistics even while Lightning trains the module
         return super().train(False)
 
+    def backbone_size(self, image_size: Optional[Sequence[int]] = None) -> tuple[int, int]:
+        """(height, width) the ResNet sees: the image resized to input_size, then centre-cropped."""
+        h, w = self.input_size or tuple(image_size or self.image_size)
+        return crop_box(h, w, self.center_crop)[2:]
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        if self.center_crop is not None:
+            top, left, ch, cw = crop_box(x.shape[-2], x.shape[-1], self.center_crop)
+            x = x[..., top : top + ch, left : left + cw]
         return (x - self.mean) / self.std
+
+    def to_image_frame(self, maps: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+        """Maps over the backbone's input [B,1,h,w] -> the image's [B,1,H,W]: resized onto the
+        region the centre crop took from the image, the border outside it replicated from the
+        crop's edge (the crop never saw it)."""
+        height, width = int(image_size[0]), int(image_size[1])
+        top, left, ch, cw = crop_box(height, width, self.center_crop)
+        if tuple(maps.shape[-2:]) != (ch, cw):
+            maps = F.interpolate(maps, size=(ch, cw), mode="bilinear", align_corners=False)
+        if (ch, cw) != (height, width):
+            maps = F.pad(maps, (left, width - cw - left, top, height - ch - top), mode="replicate")
+        return maps
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

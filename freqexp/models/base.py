@@ -43,6 +43,14 @@ class ReconstructionModel(nn.Module):
       needs_pseudo_anomalies  trains on augment.synthesize() images + masks (DRAEM).
       residual_score     its map is a reconstruction residual, so filter.apply_to=score can
                          filter it (False for latent-distance, segmentation and memory-bank maps).
+      filtered_target    with filter.apply_to=both it can be compared with the filtered target
+                         after filtering its own output (the training loss and residual map
+                         use filter(output) vs filter(image)); False where its objective uses
+                         the target otherwise (noise prediction, discriminators, masked patches).
+      published_score    how the method's paper turns the map into an image score: a reduction
+                         of the map (mean | max | topk); `score.reduction: auto` (the default)
+                         uses it, or the model's own `image_scores` where the paper's score is
+                         more than a reduction (DRAEM's pooled max, PatchCore's re-weighting).
     """
 
     lightning_module: str = "freqexp.training:ReconstructionModule"
@@ -51,6 +59,8 @@ class ReconstructionModel(nn.Module):
     gradient_free: bool = False
     needs_pseudo_anomalies: bool = False
     residual_score: bool = True
+    filtered_target: bool = True
+    published_score: str = "mean"
 
     @classmethod
     def from_config(cls, in_shape: tuple[int, int, int], kwargs: Dict[str, Any]) -> "ReconstructionModel":
@@ -79,6 +89,10 @@ class ReconstructionModel(nn.Module):
         """Called once before the first training step with the (filtered, un-augmented) training
         inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing."""
 
+    def check_fit(self, n_images: int, device: torch.device) -> None:
+        """Called with the training set's size before the run opens: raise ConfigError when
+        fitting cannot work (a memory bank too large for the device). Default: nothing."""
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The deterministic reconstruction used for scoring."""
         return self(x)["recon"]
@@ -86,6 +100,22 @@ class ReconstructionModel(nn.Module):
     def anomaly_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         target = x if target is None else target
         return (self.reconstruct(x).float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+
+    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """The method's published image score [B] from its maps [B,1,H,W]."""
+        from freqexp.metrics import reduce_map
+
+        return reduce_map(maps, self.published_score)
+
+    def score(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly maps [B,1,H,W], published image scores [B]) in one pass. Override when the
+        image score needs more than the map (PatchCore's re-weighting uses the patch features)."""
+        maps = self.anomaly_map(x, target)
+        return maps, self.image_scores(maps)
+
+    def score_description(self) -> str:
+        """What `score.reduction: auto` computes for this model, in words (logged as a param)."""
+        return f"{self.published_score} of the anomaly map"
 
 
 class GradientFreeModel(ReconstructionModel):

@@ -223,6 +223,7 @@ class UNetDenoiser(nn.Module):
 class DiffusionModel(ReconstructionModel):
     """The shared diffusion procedure; subclasses build `self.denoiser(x_t, t) -> eps_hat`."""
 
+    filtered_target = False  # it learns the distribution of the targets themselves (noise prediction)
     loss_terms = ("mse", "l1", "charbonnier")
     loss_note = ("a diffusion model is trained to predict the Gaussian noise added to the image, so the loss "
                  "compares noise fields, where only per-element terms make sense (structural and frequency "

@@ -14,8 +14,11 @@ The defect is synthesized on the clean image and then passed through the input f
 exactly as a real defect reaches the model at test time; the reconstruction target stays clean.
 
 Anomaly map: the softmax probability of the anomalous class on the (clean, test) input and its
-reconstruction, optionally smoothed by a `smooth` x `smooth` mean filter (the paper smooths
-before taking the max as the image score; useful with score.reduction=max or topk).
+reconstruction (the map DRAEM's pixel metrics use; `smooth` optionally mean-filters it).
+Image score (score.reduction=auto), as DRAEM's test script: the map mean-pooled by a
+`score_pool` x `score_pool` window (stride 1, zero padding counted in the mean: avg_pool2d's
+default), then its maximum. DRAEM uses 21 px on 256 px images; `score_pool: auto` keeps that
+proportion at the image size at hand (21 at 256 px, 3 at 28 px).
 
 Trade-off: the segmenter learns what the pseudo-anomalies look like. Real defects unlike the
 CutPaste patches (blur, missing texture) are found only through the reconstruction difference
@@ -23,6 +26,7 @@ the segmenter has learned to read, so the augment choice matters more than for p
 """
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import torch
@@ -86,10 +90,11 @@ class SegmentationUNet(nn.Module):
 class Draem(ReconstructionModel):
     lightning_module = "freqexp.models.draem:DraemModule"
     residual_score = False  # scored by the segmentation network
+    published_score = "max"  # of the pooled map: see image_scores
     needs_pseudo_anomalies = True
 
     def __init__(self, in_shape, channels=(32, 64, 128), seg_channels=(16, 32, 64), w_seg: float = 1.0,
-                 focal_gamma: float = 2.0, anomaly_p: float = 0.5, smooth: int = 0):
+                 focal_gamma: float = 2.0, anomaly_p: float = 0.5, smooth: int = 0, score_pool="auto"):
         super().__init__()
         c = in_shape[0]
         channels = positive_int_list("model.channels", channels)
@@ -100,6 +105,7 @@ class Draem(ReconstructionModel):
         if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0 or (smooth > 1 and smooth % 2 == 0):
             raise ConfigError("model.smooth", f"must be 0 (off) or an odd kernel size such as 3 or 5; got {smooth!r}")
         self.smooth = smooth
+        self.score_pool = draem_score_pool(score_pool, in_shape[1:])
         hs, ws = check_stages(in_shape, channels)
         check_stages(in_shape, seg_channels[1:], key="model.seg_channels")
         self.reconstructive = nn.Sequential(ConvEncoder(c, channels), ConvDecoder(c, channels, hs, ws))
@@ -117,6 +123,30 @@ class Draem(ReconstructionModel):
         if self.smooth > 1:
             prob = F.avg_pool2d(prob, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
         return prob
+
+
+    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """max over pixels of the score_pool x score_pool mean-pooled map (DRAEM's image score)."""
+        k = self.score_pool
+        pooled = F.avg_pool2d(maps.float(), k, stride=1, padding=k // 2) if k > 1 else maps.float()
+        return pooled.flatten(1).amax(1)
+
+    def score_description(self) -> str:
+        return f"max of the {self.score_pool}x{self.score_pool} mean-pooled segmentation map (DRAEM)"
+
+
+DRAEM_POOL, DRAEM_SIZE = 21, 256  # the test script's window on its 256 px images
+
+
+def draem_score_pool(value, image_size) -> int:
+    """The image score's pooling window: an odd int, or auto = DRAEM's 21 px at 256 px scaled to
+    the image (the nearest odd integer to 21 * side / 256, at least 1)."""
+    if value == "auto":
+        k = DRAEM_POOL * min(image_size) / DRAEM_SIZE
+        return 2 * math.floor(k / 2) + 1  # the nearest odd integer (ties go up)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ConfigError("model.score_pool", f"must be auto or an odd window size >= 1 (DRAEM: 21 on 256 px images); got {value!r}")
+    return value
 
 
 class DraemModule(ReconstructionModule):
@@ -141,7 +171,7 @@ class DraemModule(ReconstructionModule):
         defective, mask = self.pseudo_anomalies(x)
         x_in, _ = self.model_io(defective, train=False)  # the input filter sees the defect, as at test time
         out = self.model(x_in)
-        rec_total, rec_parts = self.loss(out["recon"], target)
+        rec_total, rec_parts = self.compare(out["recon"], target)
         seg = self.model.w_seg * focal_loss(out["seg_logits"], mask, self.model.focal_gamma)
         total = rec_total + seg
         self.check_and_log(total, {**rec_parts, "seg": seg}, x.shape[0])

@@ -115,6 +115,7 @@ class Discriminator(nn.Module):
 class Ganomaly(ReconstructionModel):
     lightning_module = "freqexp.models.ganomaly:GanomalyModule"
     residual_score = False  # scored by latent distance
+    filtered_target = False  # its discriminator compares the targets with the reconstructions
 
     def __init__(self, in_shape, channels=(32, 64, 128), latent_dim: int = 100, w_adv: float = 1.0, w_con: float = 50.0,
                  w_lat: float = 1.0, disc_reset_threshold: float = 1e-5):

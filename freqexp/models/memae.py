@@ -7,7 +7,7 @@ memae      MemAE for images as in the paper: a stride-2 conv encoder, MemAE's me
            the reference MemModule), the mirrored transposed-conv decoder (sigmoid output, our
            images are in [0,1]). Loss: the configured reconstruction loss + `mem_entropy`.
            Scored by the reconstruction error (published_score = "mean": the paper's mean
-           squared error, i.e. score.reduction=mean of the base squared-error map).
+           squared error, the mean of the base squared-error map; score.reduction=auto uses it).
 memae_fft  the study's FFT multi-memory AE with three views (below).
 
 MemAE's memory (MemAEMemory; `memory: memae` in memae_fft): one trainable matrix M [N, d] that is

@@ -61,6 +61,7 @@ def transformer_stack(dim: int, heads: int, mlp_ratio: float, depth: int) -> nn.
 
 @MODELS.register("vit_ad")
 class TransformerAnomalyDetector(ReconstructionModel):
+    filtered_target = False  # masked patches are filled in from the target, visible ones copied from it
     def __init__(self, in_shape, patch_size: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 2.0, decoder_depth: int = 0, mask_ratio: float = 0.25, score_groups: int = 4):
         super().__init__()
