@@ -185,16 +185,21 @@ class ReconstructionModule(L.LightningModule):
         """The configured optimizer (optim.*) over `params`; procedures with several optimizers
         (GANs) call it once per network."""
         o = self.optim_cfg
+        betas = tuple(o.get("betas", (0.9, 0.999)))
         if o["name"] == "adamw":
-            return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+            return torch.optim.AdamW(params, lr=o["lr"], betas=betas, weight_decay=o["weight_decay"])
         if o["name"] == "adam":
-            return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+            return torch.optim.Adam(params, lr=o["lr"], betas=betas, weight_decay=o["weight_decay"])
         return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
 
     def make_scheduler(self, opt):
         o = self.optim_cfg
-        if o.get("scheduler", "cosine") == "none":
+        kind = o.get("scheduler", "cosine")
+        if kind == "none":
             return None
+        if kind == "multistep":  # milestones are fractions of the run, e.g. DRAEM's 0.8 and 0.9 of its epochs
+            epochs = sorted({max(1, int(round(f * self.max_epochs))) for f in o.get("milestones", (0.8, 0.9))})
+            return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=epochs, gamma=o.get("gamma", 0.2))
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs), eta_min=o["lr"] * o.get("min_lr_ratio", 0.0))
 
 
@@ -240,7 +245,7 @@ def build_module(plan, cfg, max_epochs: Optional[int] = None) -> ReconstructionM
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "none")
+SCHEDULERS = ("cosine", "multistep", "none")
 
 
 class EpochMetricsLogger(L.Callback):

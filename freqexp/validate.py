@@ -129,6 +129,13 @@ def make_plan(cfg) -> Plan:
     number("optim.weight_decay", o.weight_decay, 0.0)
     choice("optim.scheduler", o.scheduler, SCHEDULERS)
     number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    betas = o.get("betas", [0.9, 0.999])
+    if isinstance(betas, str) or len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), e.g. [0.5, 0.999]; got {betas!r}")
+    milestones = o.get("milestones", [0.8, 0.9])
+    if isinstance(milestones, str) or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in milestones):
+        raise ConfigError("optim.milestones", f"must be fractions of trainer.max_epochs in (0, 1), e.g. [0.8, 0.9]; got {milestones!r}")
+    number("optim.gamma", o.get("gamma", 0.2), 0.0, 1.0, low_open=True)
     choice("score.reduction", cfg.score.reduction, SCORE_REDUCTIONS)
     number("score.topk", cfg.score.topk, 0.0, 1.0, low_open=True)
 

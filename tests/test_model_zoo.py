@@ -25,6 +25,8 @@ def overrides_for(name: str, tmp_path: Path, seed: int = 0, hardware: str = "cpu
         extra.append("augment=cutpaste")
     if cls.loss_terms is not None:
         extra.append(f"loss={cls.loss_terms[0]}")
+    if hasattr(cls, "patch_features"):  # memory banks: a ResNet-18 at 64 px keeps the smoke test short on a CPU
+        extra += ["model.backbone.arch=resnet18", "model.input_size=64"]
     return [f"model={name}", *SMALL, *extra, f"seed={seed}", f"hardware={hardware}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 

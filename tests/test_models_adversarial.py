@@ -14,7 +14,7 @@ from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
-TINY_GANOMALY = ["model=ganomaly", "model.channels=[8,16]", "model.latent_dim=16"]
+TINY_GANOMALY = ["model=ganomaly", "model.channels=[8,16]", "model.latent_dim=16", "optim=default"]  # cosine: the schedule mechanics
 TINY_DRAEM = ["model=draem", "augment=cutpaste", "model.channels=[8,16]", "model.seg_channels=[8,8]"]
 
 

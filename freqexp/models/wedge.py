@@ -2,7 +2,7 @@
 Computing"; official code aura1999jmpark/WEDGE-Net, model.py / train.py / evaluation.py), as
 published. A PatchCore-style memory bank over features built by two streams:
 
-  frequency stream  the ImageNet-normalised 224 px input, as ITU-R 601 luma, through a stride-1
+  frequency stream  the ImageNet-normalised 224 px crop, as ITU-R 601 luma, through a stride-1
                     one-level DWT (haar 2x2 kernels, zero-padded back to the input size; or
                     bior2.2 5x5 kernels with reflect padding); the guidance map is the total
                     energy sqrt(LL^2 + LH^2 + HL^2 + HH^2) (LL included), min-max normalised,
@@ -10,6 +10,7 @@ published. A PatchCore-style memory bank over features built by two streams:
                     channels, ReLU after each, random and frozen as in the reference, which never
                     trains it). It gates the context features: f2 * (1 + sigmoid(enc)) and
                     upsampled f3 * (1 + sigmoid(proj(enc))), proj a 1x1 conv C2 -> C3.
+  input             resized to 256 and centre-cropped to 224 (the reference's dataset.py).
   context stream    a frozen ImageNet ResNet-50's layer2 (C2) and layer3 (C3, bilinearly
                     upsampled to layer2's grid); each gated map L2-normalised over channels.
   semantic stream   (use_semantic) layer2's mean |activation| over channels, min-max
@@ -17,14 +18,17 @@ published. A PatchCore-style memory bank over features built by two streams:
 The blocks are concatenated and 3x3 average-pooled (stride 1, zero padding counted). The bank
 keeps `sampling_ratio` (10 %) of the training patches by exact greedy k-center search starting
 from the first patch; a test patch scores its Euclidean distance to the nearest bank entry.
-Map: patch scores bilinearly upsampled to the 224 px input, Gaussian-smoothed (sigma 4, scipy's
+Map: patch scores bilinearly upsampled to the 224 px crop, Gaussian-smoothed (sigma 4, scipy's
 gaussian_filter); image score: the maximum of that smoothed map (at 224 px, before it is put
-back on the image's own size).
+back on the image's own size, the border outside the crop repeating the crop's edge).
 
-Deviation: the reference min-max normalises the guidance and semantic maps over the whole
+Deviations: the reference min-max normalises the guidance and semantic maps over the whole
 batch it is given (32 images when the bank is built, 1 at test time); here every image is
 normalised on its own, which is the reference's test-time behaviour and keeps a patch's
-feature independent of the other images of its batch.
+feature independent of the other images of its batch. The reference builds its random
+frequency encoder anew (unseeded) in training and in evaluation, so its bank and its test
+features pass through different gates; here one encoder, drawn under the run's seed and saved
+with the bank, serves both.
 """
 from __future__ import annotations
 
@@ -78,7 +82,8 @@ class WedgeNet(PatchCore):
         self,
         in_shape: tuple[int, int, int],
         backbone=None,
-        input_size=224,
+        input_size=256,
+        center_crop=0.875,
         wavelet: str = "haar",
         use_semantic: bool = True,
         sampling: str = "greedy",
@@ -90,7 +95,7 @@ class WedgeNet(PatchCore):
         if not isinstance(use_semantic, bool):
             raise ConfigError("model.use_semantic", f"must be true or false; got {use_semantic!r}")
         self.use_semantic = use_semantic
-        super().__init__(in_shape, backbone, input_size, None, ("layer2", "layer3"), 1, "none", 1, 1,
+        super().__init__(in_shape, backbone, input_size, center_crop, ("layer2", "layer3"), 1, "none", 1, 1,
                          sampling, sampling_ratio, projection_dim, smooth_sigma, 1)
         c2, c3 = self.extractor.channels("layer2"), self.extractor.channels("layer3")
         # random, frozen: the reference builds these at random and never trains them
