@@ -46,6 +46,7 @@ report: install  ## leaderboard from MLflow (ARGS='--experiment freqexp --sweep-
 
 ZOO_STORE  ?= sqlite:///outputs/zoo.db
 ZOO_README ?= README.md
+ZOO_BANK_ARGS ?=  # extra overrides for the memory-bank sweep only, e.g. ++model.backbone.arch=resnet18
 # The memory banks keep the native 28 px (a 4x4 patch grid; no centre crop): the coreset over a
 # whole class at PatchCore's 224 px (784 patches an image) takes hours on 2 CPU cores; banks of
 # 10 % and 1 % (the papers' settings; a full bank of 1024-2048-dim features is minutes of
@@ -54,7 +55,7 @@ ZOO_SWEEP   = $(PY) -m freqexp --multirun +sweep=model_zoo tracking.uri=$(ZOO_ST
 zoo: install  ## every model on FMNIST class 0 at one budget, then the README's model table from MLflow
 	$(ZOO_SWEEP) $(ARGS)
 	$(ZOO_SWEEP) model=draem augment=cutpaste,freq_cutpaste $(ARGS)
-	$(ZOO_SWEEP) model=patchcore,wedge,patchcore_dwt model.sampling_ratio=0.1,0.01 ++model.input_size=null ++model.center_crop=null $(ARGS)
+	$(ZOO_SWEEP) model=patchcore,wedge,patchcore_dwt model.sampling_ratio=0.1,0.01 ++model.input_size=null ++model.center_crop=null $(ARGS) $(ZOO_BANK_ARGS)
 	$(PY) -m freqexp.zoo --uri $(ZOO_STORE) --experiment model_zoo --readme $(ZOO_README)
 
 bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop

@@ -6,7 +6,7 @@ random, plus the knn and pca pixel baselines for scale.
     .venv/bin/python benchmarks/coreset.py [--limit-train 1000] [--limit-test 1000]
         [--ratios 1.0 0.1 0.01] [--threads N] [ARGS...]
 
-Extra ARGS are config overrides applied to every model (e.g. hardware=gpu
+Extra ARGS are config overrides applied to every memory-bank model (e.g. hardware=gpu
 model.backbone.weights=/path/resnet18.pth model.input_size=64). Each model's training
 features are extracted once; every bank is built from them, so fit time = that extraction
 (shared) + the bank's own selection. Inference images/s covers the whole anomaly_map (backbone
@@ -18,6 +18,7 @@ against the 100 % bank of the same model, measured in this process.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -112,17 +113,17 @@ def bench_baseline(name, args, common, data):
     return dict(model=name, ratio=float("nan"), sampling="-", bank=bank, fit=fit_s, ips=ips, auc_max=auc_max, auc_mean=auc_mean)
 
 
-def print_table(rows):
+def print_table(rows, file=None):
     head = f"{'model':13} {'ratio':>6} {'sampling':18} {'bank':>7} {'fit s':>7} {'img/s':>8} {'AUROC auto':>10} {'AUROC mean':>10} | {'fit x':>6} {'bank x':>7} {'speed x':>7} {'dAUROC auto':>11}"
-    print(head)
-    print("-" * len(head))
+    print(head, file=file)
+    print("-" * len(head), file=file)
     full = {r["model"]: r for r in rows if r["ratio"] == 1.0}
     for r in rows:
         ref = full.get(r["model"])
         rel = (f"{r['fit'] / ref['fit']:6.2f} {r['bank'] / ref['bank']:7.3f} {r['ips'] / ref['ips']:7.2f} {r['auc_max'] - ref['auc_max']:+11.4f}"
                if ref else f"{'':6} {'':7} {'':7} {'':11}")
         ratio = "-" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}"
-        print(f"{r['model']:13} {ratio:>6} {r['sampling']:18} {r['bank']:7d} {r['fit']:7.1f} {r['ips']:8.0f} {r['auc_max']:10.4f} {r['auc_mean']:10.4f} | {rel}")
+        print(f"{r['model']:13} {ratio:>6} {r['sampling']:18} {r['bank']:7d} {r['fit']:7.1f} {r['ips']:8.0f} {r['auc_max']:10.4f} {r['auc_mean']:10.4f} | {rel}", file=file, flush=True)
 
 
 def main():
@@ -139,11 +140,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     common = ["dataset=fashion_mnist", f"dataset.normal_class={args.normal_class}", f"dataset.limit_train={args.limit_train}",
-              f"dataset.limit_test={args.limit_test}", *extra]
+              f"dataset.limit_test={args.limit_test}"]
     rows, data = [], None
     for name in args.models:
-        model_rows, data = bench_memory_bank(name, args, common)
+        model_rows, data = bench_memory_bank(name, args, common + extra)
         rows += model_rows
+        print_table(model_rows, file=sys.stderr)  # progress, as each model ends
     if not args.no_baselines:
         data = data or build_dataset(compose(common).dataset)
         rows += [bench_baseline(name, args, common, data) for name in ("knn", "pca")]

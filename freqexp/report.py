@@ -59,8 +59,13 @@ def swept_keys(df: pd.DataFrame) -> List[str]:
 GROUP_ORDER = ["model", "loss", "filter", "augment", "dataset", "optim", "trainer", "score"]
 
 
+def group_of(key: str) -> str:
+    parts = key.split(".")
+    return parts[1] if parts[0] == "choice" and len(parts) > 1 else parts[0]
+
+
 def key_order(key: str):
-    group = key.split(".")[0]
+    group = group_of(key)
     return (GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER), key)
 
 
@@ -70,8 +75,8 @@ def drop_dependent(df: pd.DataFrame, keys: List[str]) -> List[str]:
     columns, not configurations. An option swept on its own (varying within one choice) stays."""
     kept = []
     for k in keys:
-        group = k.split(".")[0]
-        selector = "loss.spec" if group == "loss" else f"{group}.name"
+        group = group_of(k)
+        selector = f"choice.{group}" if f"choice.{group}" in keys else ("loss.spec" if group == "loss" else f"{group}.name")
         if k != selector and selector in keys:
             own = df[f"params.{k}"].fillna("∅").groupby(df[f"params.{selector}"].fillna("∅")).nunique()
             if own.max() == 1:

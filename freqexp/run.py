@@ -94,6 +94,22 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
     )
 
 
+CHOICE_GROUPS = ("model", "loss", "filter", "augment", "dataset", "optim", "hardware")
+
+
+def group_choices() -> dict:
+    """The option chosen in each config group (filter=fair, optim=draem, ...), when Hydra composed
+    the run: logged as params choice.<group>, so runs of two presets of one family (fair and bhpf
+    are both filter.name=fft) stay apart in reports."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):  # composed without Hydra's app (tests, the API)
+        return {}
+    return {g: str(choices[g]) for g in CHOICE_GROUPS if choices.get(g) is not None}
+
+
 def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Optional[Dict[str, str]] = None,
             resume: bool = False) -> RunResult:
     """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
@@ -137,6 +153,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
         reduction = cfg.score.reduction
         params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
+        params.update({f"choice.{group}": option for group, option in group_choices().items()})
         params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
                        "model.n_params": sum(p.numel() for p in plan.model.parameters())})
         params.update({f"data.{k}": v for k, v in data.counts().items()})

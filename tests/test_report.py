@@ -62,3 +62,19 @@ def test_filters_by_param_and_sweep_id(tmp_path):
     board = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
     assert list(board["loss.spec"]) == ["mse+ssim", "mse"] and "model.name" not in board.columns
     assert report_main(["--uri", uri, "--out", str(tmp_path / "b"), "--sweep-id", "nope"]) == 1
+
+
+def test_group_choices_stand_for_the_options_they_set():
+    """filter=fair and filter=bhpf are both filter.name=fft: the logged choice tells them apart
+    and the keys that follow it (name, cutoff) add no column."""
+    import pandas as pd
+
+    from freqexp.report import swept_keys
+
+    df = pd.DataFrame({
+        "params.choice.filter": ["none", "fair", "bhpf", "fair"],
+        "params.filter.name": ["none", "fft", "fft", "fft"],
+        "params.filter.cutoff": [None, "0.234375", "0.2", "0.234375"],
+        "params.filter.apply_to": ["input", "input", "input", "score"],
+    })
+    assert swept_keys(df) == ["choice.filter", "filter.apply_to"]

@@ -187,10 +187,13 @@ def test_a_sweep_where_every_job_fails_exits_nonzero(tmp_path):
 
 def test_cli_from_another_directory_and_console_script(tmp_path):
     """`python -m freqexp` and `freqexp` work outside the repo; outputs land where they run."""
-    r = cli(["dataset=synthetic", *FAST], cwd=tmp_path)
+    r = cli(["dataset=synthetic", "filter=fair", *FAST], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test  AUROC" in r.stdout and "open UI  mlflow ui --backend-store-uri sqlite:///" in r.stdout
     assert (tmp_path / "outputs" / "mlflow.db").exists()
+    run = read_runs(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").iloc[0]  # the presets chosen, beside their keys
+    assert (run["params.choice.filter"], run["params.choice.model"], run["params.filter.name"]) == ("fair", "cae", "fft")
+    assert run["params.resolved.score"] == "mean of the anomaly map"
     assert len(list(tmp_path.glob("outputs/runs/*/*/metrics.json"))) == 1
     script = shutil.which("freqexp") or os.path.join(os.path.dirname(os.sys.executable), "freqexp")
     import subprocess

@@ -169,6 +169,13 @@ def shrink_threshold_option(key: str, value) -> float:
     return float(value)
 
 
+def addressing_scores(q: torch.Tensor, keys: torch.Tensor, addressing: str, temperature: float, dot_scale: float) -> torch.Tensor:
+    """[Q, N] attention logits: cos(q, k) / temperature (`cosine`) or dot_scale * q.k (`dot`)."""
+    if addressing == "cosine":
+        return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    return q @ keys.T * dot_scale
+
+
 class MemAEMemory(nn.Module):
     """MemAE's memory unit: one trainable matrix M [size, dim] (keys = values), initialised
     U(-1/sqrt(dim), 1/sqrt(dim)) as the reference. forward(query [T, dim]) -> (w^ M, w^), the
@@ -188,10 +195,7 @@ class MemAEMemory(nn.Module):
     def forward(self, query: torch.Tensor):
         with torch.autocast(query.device.type, enabled=False):
             q, m = query.float(), self.slots.float()
-            if self.addressing == "cosine":
-                scores = F.normalize(q, dim=-1) @ F.normalize(m, dim=-1).T / self.temperature
-            else:
-                scores = q @ m.T
+            scores = addressing_scores(q, m, self.addressing, self.temperature, dot_scale=1.0)  # MemAE: plain z.m
             attn = sparse_weights(scores.softmax(dim=-1), self.shrink_threshold)
             return attn @ m, attn
 
@@ -232,11 +236,7 @@ class SoftMemory(SlotMemory):
     def forward(self, query: torch.Tensor):
         with torch.autocast(query.device.type, enabled=False):
             q, keys = query.float(), self.keys.float()
-            if self.addressing == "cosine":
-                scores = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T / self.temperature
-            else:
-                scores = q @ keys.T / math.sqrt(q.shape[-1])
-            attn = scores.softmax(dim=-1)
+            attn = addressing_scores(q, keys, self.addressing, self.temperature, dot_scale=1 / math.sqrt(q.shape[-1])).softmax(dim=-1)
             return attn @ self.values.float(), attn
 
 
