@@ -314,3 +314,13 @@ def test_score_placed_filters_only_for_residual_maps():
     assert err.value.key == "filter.apply_to"
     for name in ("knn", "pca"):
         assert make_plan(compose_cfg([f"model={name}", *common])).placement == "score"
+
+
+def test_a_bank_too_large_for_the_machine_is_refused_before_the_run(monkeypatch):
+    monkeypatch.setattr(mb, "available_memory_bytes", lambda device: 24 * 2**30)
+    model = PatchCore((1, 28, 28), backbone={"arch": "resnet18"})  # the paper's 256 -> 224: 28 x 28 patches of 1024 dims
+    assert model.patches_per_image() == 784
+    with pytest.raises(ConfigError) as err:
+        model.check_fit(5400, torch.device("cpu"))  # a whole Fashion-MNIST class: 5400 x 784 x 1024 x 4 B = 16.1 GiB
+    assert err.value.key == "model.feature_dim" and "16.1 GiB" in str(err.value) and "dataset.limit_train" in str(err.value)
+    model.check_fit(500, torch.device("cpu"))  # 1.5 GiB: fine

@@ -271,8 +271,9 @@ class PatchCore(GradientFreeModel):
         if need > 0.6 * have:
             h, w = self.extractor.backbone_size()
             raise ConfigError("model.feature_dim", f"{n_images} training images x {self.patches_per_image()} patches ({h}x{w} px at the "
-                              f"backbone) x {self.feature_width()} dims = {need / 2**30:.1f} GiB of patch features, more than this "
-                              f"{device.type} can hold ({have / 2**30:.0f} GiB); lower dataset.limit_train, model.input_size or model.feature_dim")
+                              f"backbone) x {self.feature_width()} dims = {need / 2**30:.1f} GiB of patch features, over 60 % of the "
+                              f"{have / 2**30:.0f} GiB this {'GPU' if device.type == 'cuda' else 'machine'} has; lower dataset.limit_train, "
+                              "model.input_size or model.feature_dim")
 
     def cnn_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, D, h, w] locally aware CNN features on the grid of the shallowest layer,
