@@ -1,4 +1,7 @@
-"""`python -m freqexp` / `freqexp`: the Hydra entry point, nothing else."""
+"""`python -m freqexp` / `freqexp`: the Hydra entry point, nothing else (the command line's
+overrides are checked first, so a typo is one line with a "did you mean")."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -6,10 +9,20 @@ import freqexp  # noqa: F401  (registers the loss config source)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://freqexp.conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     from freqexp.run import task
 
     return task(cfg)
+
+
+def main() -> None:
+    from freqexp.overrides import check
+
+    problem = check(sys.argv[1:])
+    if problem:
+        print(f"freqexp: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

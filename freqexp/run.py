@@ -74,11 +74,16 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 
+    from freqexp.training import EpochLines
+
     t = cfg.trainer
     if t.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta))
-    if t.progress_bar:
+    bar = bool(t.progress_bar) and sys.stderr.isatty()  # a bar redraws with \r: only on a terminal
+    if bar:
         callbacks.append(TQDMProgressBar(leave=False))
+    elif t.progress_bar:  # nohup, SLURM logs, pipes: one plain line per epoch instead
+        callbacks.append(EpochLines())
     return L.Trainer(
         accelerator=plan.hardware.accelerator,
         devices=1,
@@ -88,7 +93,7 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=bool(t.progress_bar),
+        enable_progress_bar=bar,
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )

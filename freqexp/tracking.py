@@ -14,6 +14,18 @@ from freqexp.errors import ConfigError
 # mlflow imports are deferred: they cost seconds, and a bad config should fail before them.
 
 
+def quiet_store_migrations() -> None:
+    """MLflow logs its database set-up and alembic migrations at INFO on every new store; they
+    say nothing a user acts on, so they are kept to warnings."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_store_migrations()
+
+
 def resolve_uri(uri: str) -> str:
     """Make a relative sqlite path absolute (relative to the current directory) and create its
     folder; other URIs pass through. The file store is refused: it raises in mlflow 3."""

@@ -279,6 +279,17 @@ class EpochMetricsLogger(L.Callback):
             self._send(trainer, "val/")
 
 
+class EpochLines(L.Callback):
+    """One plain line per training epoch (train loss, and val/auroc when the epoch was
+    validated): the progress report when output is not a terminal (nohup, SLURM logs)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts += [f"{key} {float(m[key]):.4f}" for key in ("train/loss", "val/auroc") if key in m]
+        print("  ".join(parts), flush=True)
+
+
 class TrainTimer(L.Callback):
     """Wall time spent in training batches only (validation excluded), for train/throughput."""
 

@@ -210,8 +210,31 @@ def test_cli_bad_input_is_one_line_no_traceback_no_run(tmp_path, args, key):
     assert not list(Path(tmp_path).glob("outputs/**/metrics.json"))
 
 
-def test_unknown_group_option_lists_the_available_ones(tmp_path):
-    r = cli(["model=nosuchmodel"], cwd=tmp_path, timeout=120)
-    assert r.returncode != 0
-    assert "Could not find 'model/nosuchmodel'" in r.stderr
-    assert "cae" in r.stderr and "cvae" in r.stderr
+def test_unknown_group_option_is_one_line_with_a_did_you_mean(tmp_path):
+    r = cli(["model=CAE"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("freqexp: error: model: no option 'CAE'; did you mean cae"), r.stderr
+    assert "options: " + ", ".join(sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))) in err[0]
+
+
+@pytest.mark.parametrize("args,start,hint", [
+    (["filter=bhfp"], "filter: no option 'bhfp'", "did you mean bhpf"),
+    (["loss=mse+sssim"], "loss: unknown loss term 'sssim'", "did you mean ssim"),
+    (["+sweep=optuan"], "sweep: no preset 'optuan'", "did you mean optuna"),
+    (["trainer.epochs=3"], "trainer.epochs: no such key", "did you mean trainer.max_epochs"),
+    (["epochs=3"], "epochs: no such key", "did you mean trainer.max_epochs"),
+    (["+trainer.epochs=3"], "trainer.epochs: no component reads it", "did you mean trainer.max_epochs"),
+    (["model=draem", "+dataset.splitseed=3"], "dataset.splitseed: no component reads it", "did you mean dataset.split_seed"),
+    (["-m", "model=cae,patchcore", "model.center_crop=0.5"], None, None),  # patchcore has it: known in a sweep
+    (["model=cae", "++model.whatever=1"], None, None),  # ++ is left to the user (and to the model's own check)
+    (["model=cae", "loss.weights.mse=2", "filter=fair", "filter.unit=px", "filter.cutoff=30"], None, None),
+])
+def test_overrides_are_checked_before_composing(args, start, hint):
+    from freqexp.overrides import check
+
+    problem = check(args)
+    if start is None:
+        assert problem is None
+    else:
+        assert problem.startswith(start) and hint in problem and "\n" not in problem, problem

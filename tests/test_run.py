@@ -351,3 +351,13 @@ def test_slurm_launcher_preset_composes_with_cluster_settings():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism, launcher.timeout_min) == ("gpu", 1, 16, 120)
+
+
+def test_output_that_is_not_a_terminal_gets_one_plain_line_per_epoch(tmp_path, store, capsys):
+    """nohup and SLURM logs: no progress-bar redraws (\\r, escape codes), one line an epoch."""
+    run_synthetic(tmp_path, store, "trainer.max_epochs=3", "trainer.progress_bar=true")
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("train/loss" in line and "val/auroc" in line for line in lines)
+    assert "\r" not in out.out + out.err and "\x1b[" not in out.out + out.err

@@ -1,0 +1,161 @@
+"""Command-line overrides checked before Hydra composes anything, so a typo is one line with a
+"did you mean", exit 2, and no run:
+
+  model=CAE            unknown group option      -> the options of that group, the closest first
+  trainer.epochs=3     a key no config has       -> the closest keys (trainer.max_epochs)
+  +trainer.epochs=3    a new key no component reads (Hydra would add it silently, the run would
+                       ignore it and MLflow would store it as if it mattered) -> refused
+  loss=mse+sssim       an unknown loss term      -> the closest terms
+
+Hydra's own flags (--multirun, --cfg job, ...) and hydra.* keys are left to Hydra; `++key`
+(add or override) is a deliberate power-user form and is not checked. In a --multirun, each
+value of a swept group is checked, and a key counts as known when any swept choice has it."""
+from __future__ import annotations
+
+import difflib
+import itertools
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+# nodes whose children are free-form (a weight or option per loss term)
+OPEN_PREFIXES = ("loss.weights.", "loss.params.", "hydra.")
+
+
+def conf_dir() -> Path:
+    import freqexp.conf
+
+    return Path(freqexp.conf.__file__).resolve().parent
+
+
+def group_options() -> Dict[str, List[str]]:
+    """{group: [options]} from the config tree (loss is served for any '+' spec, not listed)."""
+    root = conf_dir()
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir())
+            if d.is_dir() and d.name not in ("hydra", "__pycache__") and any(d.glob("*.yaml"))}
+
+
+def sweep_presets() -> List[str]:
+    import freqexp.sweeps
+
+    return sorted(p.stem for p in Path(freqexp.sweeps.__file__).resolve().parent.glob("*.yaml"))
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    candidates = list(candidates)
+    lower = {c.lower(): c for c in candidates}
+    close = [lower[c] for c in difflib.get_close_matches(word.lower(), list(lower), n=n, cutoff=0.5)]
+    if not close:  # also match on the last component (epochs -> trainer.max_epochs)
+        tail = word.rsplit(".", 1)[-1]
+        close = [c for c in candidates if tail and tail in c.rsplit(".", 1)[-1]][:n]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _values(override) -> List[str]:
+    if override.is_sweep_override():
+        try:
+            return [str(v) for v in override.sweep_string_iterator()]
+        except Exception:  # ranges, intervals (Optuna): not group options
+            return []
+    value = override.value()
+    return [value] if isinstance(value, str) else []
+
+
+def leaf_keys(cfg, prefix: str = "") -> List[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        name = f"{prefix}{k}"
+        keys += leaf_keys(node, name + ".") if isinstance(node, DictConfig) else [name]
+        if isinstance(node, DictConfig):
+            keys.append(name)  # a node is a valid key too (model.backbone)
+    return keys
+
+
+def compose_keys(group_overrides: Sequence[str]) -> set:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    import freqexp  # noqa: F401  (registers the loss and sweep config sources)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(group_overrides))
+    finally:
+        GlobalHydra.instance().clear()
+    return set(leaf_keys(cfg))
+
+
+def check(argv: Sequence[str]) -> Optional[str]:
+    """The first problem in the command line's overrides, as one line; None when they look fine
+    (anything this cannot judge is left to Hydra and to validation)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            overrides += parser.parse_overrides([arg])
+        except HydraException:
+            return None  # Hydra will explain its own syntax error
+    groups = group_options()
+    group_lines: List[str] = []
+    swept: Dict[str, List[str]] = {}
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete():
+            continue
+        name = key.split("@")[0].lstrip("/")
+        if name == "sweep" and o.is_add():
+            for v in _values(o):
+                if v not in sweep_presets():
+                    return f"sweep: no preset {v!r}{did_you_mean(v, sweep_presets())}; presets: {', '.join(sweep_presets())}"
+            group_lines.append(o.input_line)
+        elif name == "loss":
+            from freqexp.losses import LOSS_TERMS
+
+            values = _values(o)
+            for spec in values:
+                for term in (t.strip() for t in spec.split("+")):
+                    if term and term not in LOSS_TERMS:
+                        return (f"loss: unknown loss term {term!r} in {spec!r}{did_you_mean(term, LOSS_TERMS.names())}; "
+                                f"known terms: {', '.join(LOSS_TERMS.names())} (join with '+')")
+            if len(values) > 1:
+                swept[name] = values
+            group_lines.append(f"{o.key_or_group}={values[0]}" if values else o.input_line)
+        elif name in groups:
+            values = _values(o)
+            for v in values:
+                if v not in groups[name]:
+                    return f"{name}: no option {v!r}{did_you_mean(v, groups[name])}; options: {', '.join(groups[name])}"
+            if len(values) > 1:
+                swept[name] = values
+            group_lines.append(f"{o.key_or_group}={values[0]}" if values else o.input_line)
+    key_overrides = [o for o in overrides if not o.key_or_group.startswith("hydra") and not o.is_delete()
+                     and o.key_or_group.split("@")[0].lstrip("/") not in set(groups) | {"loss", "sweep"}]
+    if not key_overrides:
+        return None
+    fixed = [line for line in group_lines if line.split("=")[0].lstrip("+").split("@")[0] not in swept]
+    choices = [[f"{g}={v}" for v in vs] for g, vs in swept.items()]  # none swept: one composition
+    try:
+        known = set()
+        for combo in itertools.islice(itertools.product(*choices), 64):
+            known |= compose_keys(fixed + list(combo))
+    except Exception:
+        return None  # a composition problem: Hydra reports it
+    for o in key_overrides:
+        key = o.key_or_group
+        if o.is_force_add() or key in known or key.startswith(OPEN_PREFIXES):
+            continue
+        if key.startswith("model.") and o.is_add():
+            continue  # the model names its own options in one line (from_config)
+        hint = did_you_mean(key, sorted(k for k in known if not k.startswith("hydra.")))
+        if o.is_add():
+            return f"{key}: no component reads it (+{key}=... would change nothing but the logged params){hint}"
+        return f"{key}: no such key{hint}"
+    return None
