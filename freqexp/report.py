@@ -1,17 +1,27 @@
 """Leaderboards from MLflow: `python -m freqexp.report [options] [key=value ...]`.
 
-Reads finished runs (pandas via mlflow.search_runs), groups them by the config keys that vary
-among them (the swept keys), averages over seeds (mean, std, n), and writes leaderboard.csv,
-leaderboard.md, heatmaps (model x loss, model x filter) and a short summary. Rows are sorted by
-val/auroc, the objective sweeps optimize; test metrics are shown beside it, never used to rank."""
+Reads finished runs (pandas via mlflow.search_runs; runs tagged pruned are left out unless
+--include-pruned), groups them by the config keys that vary among them (the swept keys), counts
+each seed once (a seed run twice keeps its latest run and is flagged in dup_seeds), and writes
+leaderboard.csv/.md (mean, std, 95 % Student-t interval and n over seeds), heatmaps (model x
+loss, model x filter) and a short summary. Rows are sorted by val/auroc, the objective sweeps
+optimize; test metrics are shown beside it, never used to rank.
+
+Where a class key varies (dataset.normal_class, dataset.category or dataset.domain), also
+pivot.md/.tex/.csv: methods x classes, each cell the mean over seeds of --metric. With
+--significance, significance.md/.csv (Wilcoxon for 2 configurations; Friedman + Nemenyi and
+cd_diagram.png for 3 or more), over the paired (class, seed) cells. See docs/statistics.md."""
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import pandas as pd
+
+from freqexp.stats import CONFIDENCE, StatsError, lower_is_better, t_interval
 
 METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/balanced_acc", "test/pixel_auroc",
            "train/throughput", "test/throughput"]
@@ -19,15 +29,34 @@ METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/bala
 NOT_SWEPT = {"seed", "tracking.uri", "tracking.experiment", "trainer.progress_bar", "data.root", "dataset.root",
              "resolved.accelerator", "resolved.precision", "hardware.accelerator", "hardware.precision", "hardware.devices"}
 NOT_SWEPT_PREFIX = ("data.",)
+# the key that names the class / category / domain a run trained on, per dataset
+CLASS_KEYS = ("dataset.normal_class", "dataset.category", "dataset.domain")
+DEFAULT_METRIC = "test/auroc"  # of the pivot and of --significance
+NOT_PRUNED = {"", "false", "0", "no", "nan", "none"}
 
 
-def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filters: Sequence[str]) -> pd.DataFrame:
+class ReportError(ValueError):
+    """Bad input for an option; the message names the option."""
+
+
+def pruned_mask(df: pd.DataFrame) -> pd.Series:
+    """True for runs tagged pruned (tag `pruned` set to anything but false/0/no): FINISHED runs
+    tagged pruned=true and KILLED runs a pruner stopped."""
+    if "tags.pruned" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return ~df["tags.pruned"].fillna("").astype(str).str.strip().str.lower().isin(NOT_PRUNED)
+
+
+def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filters: Sequence[str],
+              include_pruned: bool = False) -> pd.DataFrame:
+    """FINISHED runs, less those tagged pruned; with include_pruned, those and the KILLED runs
+    tagged pruned too."""
     import mlflow
 
     from freqexp.tracking import resolve_uri
 
     mlflow.set_tracking_uri(resolve_uri(uri))
-    clauses = ["attributes.status = 'FINISHED'"]
+    clauses = []
     if sweep_id:
         clauses.append(f"tags.sweep_id = '{sweep_id}'")
     for f in filters:
@@ -36,8 +65,19 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
             raise SystemExit(f"freqexp.report: error: filter {f!r} must be key=value (a config key, e.g. model.name=cae)")
         clauses.append(f"params.`{key}` = '{value}'")
     names = [experiment] if experiment else None
-    df = mlflow.search_runs(experiment_names=names, search_all_experiments=names is None, filter_string=" and ".join(clauses),
-                            max_results=100000)
+
+    def search(status: str) -> pd.DataFrame:
+        return mlflow.search_runs(experiment_names=names, search_all_experiments=names is None, max_results=100000,
+                                  filter_string=" and ".join([f"attributes.status = '{status}'"] + clauses))
+
+    df = search("FINISHED")
+    if include_pruned:
+        killed = search("KILLED")
+        killed = killed[pruned_mask(killed)]
+        if not killed.empty:
+            df = killed if df.empty else pd.concat([df, killed], ignore_index=True)
+    else:
+        df = df[~pruned_mask(df)]
     if "tags.kind" in df.columns:
         df = df[df["tags.kind"].isna()]  # analyses and reports are not experiments
     return df
@@ -85,13 +125,64 @@ def drop_dependent(df: pd.DataFrame, keys: List[str]) -> List[str]:
     return kept
 
 
-def leaderboard(df: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+def natural_key(value):
+    """Numbers in numeric order before other strings: classes 2 < 10, seeds likewise."""
+    text = str(value)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def config_label(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "(one configuration)"
+
+
+@dataclass
+class Repeat:
+    """A seed run more than once in one configuration; only the latest run is counted."""
+    config: str
+    seed: str
+    runs: int
+    kept_run: str
+
+    def warning(self) -> str:
+        return (f"freqexp.report: warning: seed {self.seed} of {self.config} has {self.runs} finished runs; "
+                f"counted once (the latest, run {self.kept_run})")
+
+
+def seed_table(df: pd.DataFrame, keys: List[str]) -> tuple[pd.DataFrame, List[Repeat]]:
+    """One row per (configuration, seed): the swept keys, every logged metric, `_seed` and
+    `_run`, and `_repeated` (the seed ran more than once here). A seed run twice keeps its latest
+    run (by start time): a rerun replaces what it reruns. Runs without a seed param are each
+    counted as one."""
+    work = pd.DataFrame({k: df[f"params.{k}"].fillna("∅") for k in keys}, index=df.index)
+    for col in df.columns:
+        if col.startswith("metrics."):
+            work[col[len("metrics."):]] = pd.to_numeric(df[col], errors="coerce")
+    work["_seed"] = df["params.seed"] if "params.seed" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    work["_run"] = df["run_id"].astype(str) if "run_id" in df.columns else df.index.astype(str)
+    for col in ("start_time", "end_time"):
+        work[f"_{col}"] = pd.to_datetime(df[col], utc=True, errors="coerce") if col in df.columns else pd.NaT
+    work = work.sort_values(["_start_time", "_end_time"], kind="stable", na_position="first")
+    seeded = work["_seed"].notna()
+    ident = keys + ["_seed"]
+    runs_of_seed = work.groupby(ident, dropna=False)["_run"].transform("size") if len(work) else pd.Series(0, index=work.index)
+    work["_repeated"] = seeded & (runs_of_seed > 1)
+    keep = ~(seeded & work.duplicated(ident, keep="last"))
+    repeats = [Repeat(config_label({k: r[k] for k in keys}), str(r["_seed"]), int(runs_of_seed[i]), r["_run"])
+               for i, r in work[keep & work["_repeated"]].iterrows()]
+    return work[keep].drop(columns=["_start_time", "_end_time"]), repeats
+
+
+def leaderboard(df: pd.DataFrame, keys: List[str], runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per configuration: n (seeds, each counted once), then per metric the mean, std
+    and the 95 % Student-t interval over seeds (ci_low, ci_high: empty for n < 2), and dup_seeds
+    (seeds that ran more than once, comma-separated). Sorted by val/auroc."""
+    if runs is None:
+        runs, _ = seed_table(df, keys)
     metrics = [m for m in METRICS if f"metrics.{m}" in df.columns]
-    work = pd.DataFrame({k: df[f"params.{k}"].fillna("∅") for k in keys}) if keys else pd.DataFrame(index=df.index)
-    for m in metrics:
-        work[m] = pd.to_numeric(df[f"metrics.{m}"], errors="coerce")
-    work["_seed"] = df.get("params.seed", pd.Series(["?"] * len(df), index=df.index))
-    grouped = work.groupby(keys, dropna=False) if keys else work.groupby(lambda _: "all")
+    grouped = runs.groupby(keys, dropna=False) if keys else runs.groupby(lambda _: "all")
     rows = []
     for name, g in grouped:
         row = dict(zip(keys, name if isinstance(name, tuple) else (name,))) if keys else {}
@@ -99,6 +190,8 @@ def leaderboard(df: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
         for m in metrics:
             row[f"{m} mean"] = g[m].mean()
             row[f"{m} std"] = g[m].std(ddof=1) if len(g) > 1 else 0.0
+            row[f"{m} ci_low"], row[f"{m} ci_high"] = t_interval(g[m])
+        row["dup_seeds"] = ",".join(sorted(set(g.loc[g["_repeated"], "_seed"].astype(str)), key=natural_key))
         rows.append(row)
     board = pd.DataFrame(rows)
     if "val/auroc mean" in board:
@@ -106,9 +199,25 @@ def leaderboard(df: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
+def _ci_cell(r, m: str) -> str:
+    if pd.isna(r[f"{m} mean"]):
+        return ""
+    lo, hi = r.get(f"{m} ci_low"), r.get(f"{m} ci_high")
+    if lo is None or pd.isna(lo):
+        return "none (n=1)"
+    return f"[{lo:.4f}, {hi:.4f}]"
+
+
 def to_markdown(board: pd.DataFrame, keys: List[str]) -> str:
+    """`mean ± std` per metric (throughput: the mean), each followed by its 95 % interval over
+    seeds; a dup seeds column when a seed ran more than once."""
     metrics = [m for m in METRICS if f"{m} mean" in board.columns]
-    header = ["#"] + keys + ["n"] + metrics
+    with_ci = [m for m in metrics if "throughput" not in m and f"{m} ci_low" in board.columns]
+    dups = "dup_seeds" in board.columns and board["dup_seeds"].fillna("").astype(str).str.len().gt(0).any()
+    header = ["#"] + keys + ["n"]
+    for m in metrics:
+        header += [m] + ([f"{m} {CONFIDENCE:.0%} CI"] if m in with_ci else [])
+    header += ["dup seeds"] if dups else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in board.iterrows():
         cells = [str(i + 1)] + [str(r[k]) for k in keys] + [str(int(r["n"]))]
@@ -120,8 +229,151 @@ def to_markdown(board: pd.DataFrame, keys: List[str]) -> str:
                 cells.append(f"{mean:,.0f}")
             else:
                 cells.append(f"{mean:.4f} ± {std:.4f}" if r["n"] > 1 else f"{mean:.4f}")
+            if m in with_ci:
+                cells.append(_ci_cell(r, m))
+        if dups:
+            cells.append("" if pd.isna(r["dup_seeds"]) else str(r["dup_seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Pivot:
+    """Methods (the configuration less its class key) x classes; cells: mean over seeds."""
+    metric: str
+    method_keys: List[str]
+    class_keys: List[str]
+    table: pd.DataFrame   # mean over seeds, NaN where a method has no run of that class
+    seeds: pd.DataFrame   # seeds per cell
+
+    @property
+    def covered(self) -> pd.Series:
+        return self.table.notna().sum(axis=1)
+
+    @property
+    def mean(self) -> pd.Series:
+        return self.table.mean(axis=1, skipna=True)
+
+
+def method_labels(runs: pd.DataFrame, method_keys: List[str]) -> pd.Series:
+    if not method_keys:
+        return pd.Series("all runs", index=runs.index)
+    return runs[method_keys].astype(str).agg(", ".join, axis=1)
+
+
+def class_labels(runs: pd.DataFrame, class_keys: List[str]) -> pd.Series:
+    return runs[class_keys].astype(str).agg("/".join, axis=1)
+
+
+def pivot(runs: pd.DataFrame, keys: List[str], metric: str) -> Optional[Pivot]:
+    """The per-class table, or None when no class key varies or no run logged the metric."""
+    class_keys = [k for k in CLASS_KEYS if k in keys]
+    if not class_keys or metric not in runs.columns or runs[metric].isna().all():
+        return None
+    method_keys = [k for k in keys if k not in class_keys]
+    methods, classes = method_labels(runs, method_keys), class_labels(runs, class_keys)
+    cells = runs[metric].groupby([methods, classes]).agg(["mean", "count"])
+    rows = sorted(methods.unique(), key=lambda m: [natural_key(p) for p in m.split(", ")])
+    cols = sorted(classes.unique(), key=natural_key)
+    table = cells["mean"].unstack().reindex(index=rows, columns=cols)
+    seeds = cells["count"].unstack().reindex(index=rows, columns=cols).fillna(0).astype(int)
+    table.index.name = seeds.index.name = "method"
+    return Pivot(metric, method_keys, class_keys, table, seeds)
+
+
+def best_mask(values: pd.Series, lower: bool) -> pd.Series:
+    """True where a value is the best of the column as shown (4 decimals): ties are all best."""
+    shown = values.round(4)
+    if shown.notna().sum() == 0:
+        return pd.Series(False, index=values.index)
+    best = shown.min() if lower else shown.max()
+    return shown == best
+
+
+def _pivot_cells(p: Pivot, bold) -> tuple[List[str], List[List[str]]]:
+    """Header and rows of formatted cells; bold(text) marks the best of a column."""
+    lower = lower_is_better(p.metric)
+    total = p.table.shape[1]
+    covered, mean = p.covered, p.mean
+    complete = covered == total
+    mean_best = best_mask(mean.where(complete), lower) & complete
+    col_best = {c: best_mask(p.table[c], lower) for c in p.table.columns}
+    rows = []
+    for m in p.table.index:
+        cells = []
+        for c in p.table.columns:
+            v = p.table.loc[m, c]
+            cells.append("" if pd.isna(v) else (bold(f"{v:.4f}") if col_best[c][m] else f"{v:.4f}"))
+        if covered[m] == 0:
+            cells.append("")
+        elif complete[m]:
+            cells.append(bold(f"{mean[m]:.4f}") if mean_best[m] else f"{mean[m]:.4f}")
+        else:
+            cells.append(f"{mean[m]:.4f} ({covered[m]}/{total})")
+        rows.append([str(m)] + cells)
+    header = ["method (" + ", ".join(p.method_keys) + ")" if p.method_keys else "method"]
+    header += [str(c) for c in p.table.columns] + ["mean"]
+    return header, rows
+
+
+def _pivot_note(p: Pivot) -> str:
+    seeds = p.seeds.to_numpy()[p.table.notna().to_numpy()]
+    n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    direction = "lowest" if lower_is_better(p.metric) else "highest"
+    return (f"Cells: {p.metric}, mean over seeds ({n} per cell); columns: {', '.join(p.class_keys)}; mean: over "
+            f"classes. Bold: the {direction} of each column (ties all bold). (k/{p.table.shape[1]}): a mean over "
+            f"only the k classes the method has, not comparable with complete rows, never bold. Empty: no run.")
+
+
+def pivot_markdown(p: Pivot) -> str:
+    header, rows = _pivot_cells(p, lambda t: f"**{t}**")
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+             "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + _pivot_note(p) + "\n"
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def pivot_latex(p: Pivot) -> str:
+    """A booktabs tabular (\\usepackage{booktabs}); names escaped, the best per column in \\textbf."""
+    header, rows = _pivot_cells(p, lambda t: f"\\textbf{{{t}}}")
+    esc = lambda t: t if t.startswith("\\textbf{") else latex_escape(t)  # noqa: E731
+    lines = ["% " + _pivot_note(p).replace("%", "\\%"),
+             "\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
+             " & ".join(latex_escape(h) for h in header) + " \\\\", "\\midrule"]
+    lines += [" & ".join(esc(c) for c in r) + " \\\\" for r in rows]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def pivot_frame(p: Pivot) -> pd.DataFrame:
+    out = p.table.copy()
+    out["mean"] = p.mean
+    out["classes"] = p.covered
+    out["classes_total"] = p.table.shape[1]
+    return out.reset_index()
+
+
+def significance_cells(runs: pd.DataFrame, keys: List[str], metric: str) -> tuple[pd.DataFrame, int, str]:
+    """(cells, unseeded, unit): one value of the metric per configuration (less the class key)
+    and block, (class, seed) where a class key varies, else seed; runs without a seed cannot be
+    paired and are counted, not used."""
+    class_keys = [k for k in CLASS_KEYS if k in keys]
+    method_keys = [k for k in keys if k not in class_keys]
+    have = runs[runs[metric].notna()]
+    seeded = have[have["_seed"].notna()]
+    seed = "seed " + seeded["_seed"].astype(str)
+    block = (class_labels(seeded, class_keys) + " / " + seed) if class_keys else seed
+    cells = pd.DataFrame({"configuration": method_labels(seeded, method_keys), "block": block,
+                          "value": seeded[metric]})
+    return cells, len(have) - len(seeded), "(class, seed) cells" if class_keys else "seeds"
 
 
 def heatmap(board: pd.DataFrame, rows: str, cols: str, metric: str, path: Path) -> Optional[Path]:
@@ -154,15 +406,54 @@ def summary(board: pd.DataFrame, keys: List[str], n_runs: int) -> str:
     text = f"{n_runs} finished runs in {len(board)} configurations (swept: {', '.join(keys) or 'nothing'}). Best on val/auroc: {config}"
     if "val/auroc mean" in board:
         text += f" with val/auroc {top['val/auroc mean']:.4f}"
+        if "val/auroc ci_low" in board and not pd.isna(top["val/auroc ci_low"]):
+            text += f" ({CONFIDENCE:.0%} CI {top['val/auroc ci_low']:.4f}-{top['val/auroc ci_high']:.4f})"
     if "test/auroc mean" in board:
         text += f", test/auroc {top['test/auroc mean']:.4f}"
-    return text + f" (n={int(top['n'])})."
+    text += f" (n={int(top['n'])})."
+    if "dup_seeds" in board:
+        repeated = board["dup_seeds"].fillna("").astype(str).str.len().gt(0).sum()
+        if repeated:
+            text += f" {repeated} configuration(s) ran a seed more than once: each seed counted once (its latest run; see dup_seeds)."
+    return text
 
 
-def write_report(df: pd.DataFrame, out: Path) -> tuple[List[Path], str, pd.DataFrame, List[str]]:
-    """leaderboard.csv/.md, heatmaps and summary.txt for these runs; returns (files, summary, board, keys)."""
+def write_report(df: pd.DataFrame, out: Path, metric: Optional[str] = None, significance: bool = False,
+                 include_pruned: bool = False) -> tuple[List[Path], str, pd.DataFrame, List[str]]:
+    """leaderboard.csv/.md, heatmaps and summary.txt for these runs; where a class key varies
+    pivot.md/.tex/.csv of `metric` (default test/auroc); with significance, significance.md/.csv
+    (and cd_diagram.png). Runs tagged pruned are left out unless include_pruned. Repeated seeds:
+    one warning line each on stderr. Returns (files, summary, board, keys). Raises ReportError
+    before writing anything when `metric` (given) was never logged or significance cannot be
+    computed."""
+    from freqexp import stats
+
+    if not include_pruned:
+        df = df[~pruned_mask(df)]
     keys = swept_keys(df)
-    board = leaderboard(df, keys)
+    runs, repeats = seed_table(df, keys)
+    board = leaderboard(df, keys, runs)
+    chosen = metric or DEFAULT_METRIC
+    logged = chosen in runs.columns and runs[chosen].notna().any()
+    if metric is not None and not logged:
+        names = sorted(c for c in runs.columns if not c.startswith("_") and c not in keys)
+        raise ReportError(f"--metric {metric!r}: no matching run logged it (logged: {', '.join(names) or 'none'})")
+    table = pivot(runs, keys, chosen)
+    result = None
+    if significance:
+        if not logged:
+            raise ReportError(f"--metric {chosen!r}: no matching run logged it; --significance compares on it")
+        cells, unseeded, unit = significance_cells(runs, keys, chosen)
+        try:
+            result = stats.significance(cells, chosen, unit)
+        except StatsError as e:
+            raise ReportError(str(e)) from None
+        if unseeded:
+            print(f"freqexp.report: warning: {unseeded} run(s) without a seed param left out of --significance "
+                  "(they cannot be paired)", file=sys.stderr)
+    for r in repeats:
+        print(r.warning(), file=sys.stderr)
+
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(to_markdown(board, keys))
@@ -171,6 +462,13 @@ def write_report(df: pd.DataFrame, out: Path) -> tuple[List[Path], str, pd.DataF
     text = summary(board, keys, len(df))
     (out / "summary.txt").write_text(text + "\n")
     files = [out / "leaderboard.csv", out / "leaderboard.md", out / "summary.txt"] + [f for f in figs if f]
+    if table is not None:
+        (out / "pivot.md").write_text(pivot_markdown(table))
+        (out / "pivot.tex").write_text(pivot_latex(table))
+        pivot_frame(table).to_csv(out / "pivot.csv", index=False)
+        files += [out / "pivot.md", out / "pivot.tex", out / "pivot.csv"]
+    if result is not None:
+        files += stats.write_significance(result, chosen, out)[0]
     return files, text, board, keys
 
 
@@ -181,15 +479,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sweep-id", default=None, help="only runs of this sweep (tag sweep_id, e.g. 2026-11-25/10-00-00)")
     ap.add_argument("--out", default="outputs/report", help="folder for leaderboard.csv/.md and heatmaps (default: %(default)s)")
     ap.add_argument("--top", type=int, default=10, help="rows printed to the terminal (default: %(default)s)")
+    ap.add_argument("--metric", default=None,
+                    help=f"metric of the per-class pivot and of --significance (default: {DEFAULT_METRIC})")
+    ap.add_argument("--significance", action="store_true",
+                    help="test whether configurations differ over paired (class, seed) cells: Wilcoxon for 2, "
+                         "Friedman + Nemenyi + critical difference diagram for 3 or more")
+    ap.add_argument("--include-pruned", action="store_true",
+                    help="also count runs tagged pruned (left out by default: they stopped early)")
     ap.add_argument("filters", nargs="*", metavar="key=value", help="keep runs whose config has key=value")
     args = ap.parse_args(argv)
 
-    df = load_runs(args.uri, args.experiment, args.sweep_id, args.filters)
+    df = load_runs(args.uri, args.experiment, args.sweep_id, args.filters, include_pruned=args.include_pruned)
     if df.empty:
         print("freqexp.report: no finished runs match", file=sys.stderr)
         return 1
-    files, text, board, keys = write_report(df, Path(args.out))
+    try:
+        files, text, board, keys = write_report(df, Path(args.out), metric=args.metric, significance=args.significance,
+                                                include_pruned=args.include_pruned)
+    except ReportError as e:
+        print(f"freqexp.report: error: {e}", file=sys.stderr)
+        return 2
     print(to_markdown(board.head(args.top), keys))
+    out = Path(args.out)
+    if (out / "pivot.md").exists() and out / "pivot.md" in files:
+        print((out / "pivot.md").read_text())
+    if args.significance:
+        print((out / "significance.md").read_text())
     print(text)
     print("written: " + ", ".join(str(f) for f in files))
     return 0
