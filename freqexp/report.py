@@ -33,6 +33,7 @@ NOT_SWEPT_PREFIX = ("data.",)
 CLASS_KEYS = ("dataset.normal_class", "dataset.category", "dataset.domain")
 DEFAULT_METRIC = "test/auroc"  # of the pivot and of --significance
 NOT_PRUNED = {"", "false", "0", "no", "nan", "none"}
+MAX_WARNINGS = 20  # repeated-seed lines printed; the rest are counted
 
 
 class ReportError(ValueError):
@@ -451,8 +452,11 @@ def write_report(df: pd.DataFrame, out: Path, metric: Optional[str] = None, sign
         if unseeded:
             print(f"freqexp.report: warning: {unseeded} run(s) without a seed param left out of --significance "
                   "(they cannot be paired)", file=sys.stderr)
-    for r in repeats:
+    for r in repeats[:MAX_WARNINGS]:
         print(r.warning(), file=sys.stderr)
+    if len(repeats) > MAX_WARNINGS:
+        print(f"freqexp.report: warning: ... and {len(repeats) - MAX_WARNINGS} more repeated seeds (column dup_seeds of "
+              "leaderboard.csv)", file=sys.stderr)
 
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv", index=False)

@@ -51,6 +51,10 @@ def test_leaderboard_groups_over_seeds_and_ranks_by_validation(tmp_path, capsys)
     assert board["val/auroc std"].iloc[0] == pytest.approx(0.01)
     md = (tmp_path / "rep" / "leaderboard.md").read_text()
     assert "| 1 | cae | mse+ssim | 3 | 0.9100 ± 0.0100 |" in md
+    # the 95 % interval follows each metric: 0.91 ± t(0.975, 2) 0.01 / sqrt(3), t = 4.3027
+    assert "| 1 | cae | mse+ssim | 3 | 0.9100 ± 0.0100 | [0.8852, 0.9348] |" in md
+    assert board["val/auroc ci_low"].iloc[0] == pytest.approx(0.91 - 4.3027 * 0.01 / 3 ** 0.5, abs=1e-5)
+    assert board["dup_seeds"].isna().all()  # no seed ran twice
     assert (tmp_path / "rep" / "heatmap_model_loss.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "12 finished runs in 4 configurations" in out and "model.name=cae, loss.spec=mse+ssim" in out
