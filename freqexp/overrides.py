@@ -5,7 +5,8 @@
   trainer.epochs=3     a key no config has       -> the closest keys (trainer.max_epochs)
   +trainer.epochs=3    a new key no component reads (Hydra would add it silently, the run would
                        ignore it and MLflow would store it as if it mattered) -> refused
-  loss=mse+sssim       an unknown loss term      -> the closest terms
+  loss=mse+sssim       an unknown loss term      -> the closest terms (a swept loss,
+                       loss=mse,mse+foo, is left to its jobs: the bad one fails, the rest run)
 
 Hydra's own flags (--multirun, --cfg job, ...) and hydra.* keys are left to Hydra; `++key`
 (add or override) is a deliberate power-user form and is not checked. In a --multirun, each
@@ -120,7 +121,8 @@ def check(argv: Sequence[str]) -> Optional[str]:
             from freqexp.losses import LOSS_TERMS
 
             values = _values(o)
-            for spec in values:
+            # a swept loss is left to its jobs: one bad value fails one job, and the sweep goes on
+            for spec in values if len(values) == 1 else []:
                 for term in (t.strip() for t in spec.split("+")):
                     if term and term not in LOSS_TERMS:
                         return (f"loss: unknown loss term {term!r} in {spec!r}{did_you_mean(term, LOSS_TERMS.names())}; "

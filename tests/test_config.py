@@ -229,6 +229,7 @@ def test_unknown_group_option_is_one_line_with_a_did_you_mean(tmp_path):
     (["-m", "model=cae,patchcore", "model.center_crop=0.5"], None, None),  # patchcore has it: known in a sweep
     (["model=cae", "++model.whatever=1"], None, None),  # ++ is left to the user (and to the model's own check)
     (["model=cae", "loss.weights.mse=2", "filter=fair", "filter.unit=px", "filter.cutoff=30"], None, None),
+    (["-m", "loss=mse,mse+nosuchterm"], None, None),  # a swept loss: the bad job fails alone, the sweep goes on
 ])
 def test_overrides_are_checked_before_composing(args, start, hint):
     from freqexp.overrides import check
