@@ -115,7 +115,63 @@ def group_choices() -> dict:
     return {g: str(choices[g]) for g in CHOICE_GROUPS if choices.get(g) is not None}
 
 
-def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Optional[Dict[str, str]] = None,
+# overrides that a run name leaves out: they are in the name already, or change nothing computed
+NAME_SKIPS = ("model", "loss", "filter", "dataset", "seed", "tracking", "hardware", "trainer.progress_bar", "sweep",
+              "dataset.normal_class", "dataset.category", "dataset.domain", "+sweep", "hydra")
+
+
+def dataset_label(cfg) -> str:
+    """fashion_mnist[0], mvtec[bottle], tiff_domains[domain_A], synthetic: the data and its normal part."""
+    d = cfg.dataset
+    for key in ("normal_class", "category", "domain"):
+        value = d.get(key) if key in d else None
+        if value is not None and not OmegaConf.is_missing(d, key):
+            value = ",".join(str(v) for v in value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else str(value)
+            return f"{d.name}[{value}]"
+    return str(d.name)
+
+
+def run_label(cfg, overrides: Optional[list] = None, limit: int = 120) -> str:
+    """A run name that says what ran, model first: `cae · mse+ssim · bhpf · fashion_mnist[0] · s0`,
+    then any other override of the command (`trainer.max_epochs=3`), cut to `limit` characters."""
+    choices = group_choices()
+    parts = [str(cfg.model.name), str(cfg.loss.spec), choices.get("filter", str(cfg.filter.name)), dataset_label(cfg), f"s{cfg.seed}"]
+    if choices.get("augment") not in (None, "none"):
+        parts.insert(3, f"aug={choices['augment']}")
+    extra = []
+    for item in overrides or []:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if not any(key == s or key.startswith(s + ".") for s in NAME_SKIPS):
+            extra.append(item.lstrip("+"))
+    name = " · ".join(parts + extra)
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def log_dataset_inputs(tracker, cfg, data) -> None:
+    """The data as MLflow dataset inputs (one per split, context train/validation/test), so the
+    runs table's Dataset column says what each run read. Best effort: a store without dataset
+    support never fails a run."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = dataset_label(cfg)
+    source = str(data.info.get("root") or f"{cfg.dataset.name} (generated, split_seed={cfg.dataset.get('split_seed')})")
+    inputs = []
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        part = getattr(data, split)
+        profile = {"images": len(part), "anomalous": int(part.n_anomalous), "shape": list(part.images.shape[1:])}
+        spec = json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "split": split, **profile}, sort_keys=True, default=str)
+        inputs.append(DatasetInput(Dataset(name=name, digest=hashlib.sha1(spec.encode()).hexdigest()[:10], source_type="local",
+                                           source=json.dumps({"uri": source}), profile=json.dumps(profile)),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+    try:
+        tracker.client.log_inputs(tracker.run_id, datasets=inputs)
+    except Exception as e:  # noqa: BLE001 - bookkeeping, not the experiment
+        log.warning("could not log the dataset as an MLflow input: %s", one_line(e))
+
+
+def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
             resume: bool = False) -> RunResult:
     """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
     exists; once the run is open, any exception ends it FAILED with the error recorded. With
@@ -152,7 +208,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
-    run_id = tracker.start(run_name, run_tags)
+    run_id = tracker.start(run_name or run_label(cfg), run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
     try:
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
@@ -165,6 +221,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         if "root" in data.info:
             params["data.root"] = data.info["root"]
         tracker.log_params(params)
+        log_dataset_inputs(tracker, cfg, data)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
         device = plan.hardware.device
@@ -201,7 +258,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: str = "run", tags: Opti
         metrics["train/seconds"] = fit_seconds
         metrics["train/epochs"] = trainer.current_epoch
         if best and best.best_epoch is not None:
-            metrics["val/best_epoch"] = best.best_epoch
+            metrics["val/best_epoch"] = best.best_epoch + 1  # 1-based, as the val_epoch/* steps
         tracker.log_metrics(metrics, step=trainer.current_epoch)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -346,7 +403,7 @@ def task(cfg: DictConfig):
         sweep_dir = Path(hc.sweep.dir)
         tags.update({"sweep_id": f"{sweep_dir.parent.name}/{sweep_dir.name}", "sweep_dir": str(sweep_dir.resolve()), "job_num": str(hc.job.num)})
     try:
-        result = execute(cfg, output_dir, run_name=overrides, tags=tags, resume=multirun and bool(cfg.sweep.resume))
+        result = execute(cfg, output_dir, run_name=run_label(cfg, list(hc.overrides.task)), tags=tags, resume=multirun and bool(cfg.sweep.resume))
     except FreqexpError as e:
         message = one_line(e)
         write_status(output_dir, status="failed", overrides=overrides, error=message)

@@ -248,8 +248,15 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "multistep", "none")
 
 
+EPOCH_PREFIX = "val_epoch/"  # MLflow name of the per-epoch validation curve
+
+
 class EpochMetricsLogger(L.Callback):
-    """Sends each epoch's train/* and val/* values (and the learning rate) to `log_fn(metrics, step)`."""
+    """Sends each epoch's train/* values (and the learning rate) and its validation values to
+    `log_fn(metrics, step)`, step = the epoch number (1, 2, ...): one point per validated epoch.
+    The per-epoch validation curve is logged as val_epoch/* (val_epoch/auroc, ...): val/* holds
+    one value per run, that of the weights evaluated on test (the best epoch with
+    trainer.restore_best), so the runs table, reports and sweeps all read the selected model."""
 
     def __init__(self, log_fn: Callable[[Dict[str, float], int], None]):
         self.log_fn = log_fn
@@ -266,8 +273,10 @@ class EpochMetricsLogger(L.Callback):
         if prefix == "train/" and self.epoch_lr is not None:
             metrics["train/lr"] = self.epoch_lr
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        if prefix == "val/":
+            metrics = {EPOCH_PREFIX + k[len(prefix):]: v for k, v in metrics.items()}
         if metrics:
-            self.log_fn(metrics, trainer.current_epoch)
+            self.log_fn(metrics, trainer.current_epoch + 1)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._send(trainer, "train/")

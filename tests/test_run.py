@@ -41,10 +41,16 @@ def test_synthetic_run_is_logged_to_mlflow_completely(tmp_path, store):
         assert math.isclose(run.data.metrics[key], saved[key], rel_tol=1e-9)
     for key in ("val/auroc", "test/auroc", "test/ap", "test/pixel_auroc", "test/f1", "test/acc"):
         assert 0.0 <= saved[key] <= 1.0
-    # per-epoch history: total and per-term train loss, val metrics, one point per epoch
-    for key in ("train/loss", "train/loss_mse", "train/loss_ssim", "train/loss_gradient", "val/auroc"):
+    # per-epoch history: total and per-term train loss and the validation curve, exactly one
+    # point per epoch at steps 1, 2; val/* itself is one value, the model evaluated on test
+    for key in ("train/loss", "train/loss_mse", "train/loss_ssim", "train/loss_gradient", "val_epoch/auroc", "val_epoch/ap"):
         steps = sorted(m.step for m in client.get_metric_history(result.run_id, key))
-        assert steps[:2] == [0, 1], (key, steps)
+        assert steps == [1, 2], (key, steps)
+    for key in ("val/auroc", "val/ap", "test/auroc"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [2], key
+    curve = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_epoch/auroc")}
+    best = int(run.data.metrics["val/best_epoch"])
+    assert run.data.metrics["val/auroc"] == pytest.approx(curve[best], abs=1e-6) and curve[best] == max(curve.values())
     losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
     assert losses[1] < losses[0]  # it learns
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -52,11 +58,31 @@ def test_synthetic_run_is_logged_to_mlflow_completely(tmp_path, store):
     assert run.data.tags["purpose"] == "test" and run.data.tags["model"] == "cae"
 
 
+def test_run_names_say_what_ran_and_the_dataset_is_an_input(tmp_path, store):
+    from freqexp.run import run_label
+
+    cfg = compose_cfg(["dataset=synthetic", *FAST, f"tracking.uri={store}", "seed=3"])
+    assert run_label(cfg) == f"cae · {cfg.loss.spec} · none · synthetic · s3"
+    fm = compose_cfg(["dataset=fashion_mnist", "dataset.normal_class=[0,6]", "model=vae", "loss=mse"])
+    assert run_label(fm, ["model=vae", "loss=mse", "dataset.normal_class=[0,6]", "trainer.max_epochs=3", "tracking.uri=x"]) \
+        == "vae · mse · none · fashion_mnist[0,6] · s0 · trainer.max_epochs=3"
+    assert len(run_label(fm, ["optim.lr=0.001"] * 40)) == 120
+    result = execute(cfg, tmp_path / "named")  # no run_name given: the label
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.run_name == run_label(cfg)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "testing"}
+    assert {d.name for d in inputs.values()} == {"synthetic"}
+    profile = json.loads(inputs["testing"].profile)
+    assert profile["images"] == int(run.data.params["data.test_normal"]) + int(run.data.params["data.test_anomalous"])
+    assert profile["anomalous"] == int(run.data.params["data.test_anomalous"])
+
+
 def test_lr_is_logged_for_the_epoch_it_trained(tmp_path, store):
     result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "optim.lr=0.002", "tracking.log_images=false")
     lrs = {m.step: m.value for m in MlflowClient(store).get_metric_history(result.run_id, "train/lr")}
-    assert lrs[0] == pytest.approx(0.002)  # cosine: epoch 0 trains at the full lr
-    assert lrs[1] < lrs[0]
+    assert lrs[1] == pytest.approx(0.002)  # cosine: the first epoch trains at the full lr
+    assert lrs[2] < lrs[1]
 
 
 @needs_fmnist
