@@ -48,22 +48,65 @@ def pruned_mask(df: pd.DataFrame) -> pd.Series:
     return ~df["tags.pruned"].fillna("").astype(str).str.strip().str.lower().isin(NOT_PRUNED)
 
 
+def existing_store(uri: str) -> str:
+    """The store to read, which must exist: a report never creates an empty store (a typo in the
+    path would otherwise read nothing and leave a new database behind)."""
+    from freqexp.errors import ConfigError
+    from freqexp.tracking import check_reachable
+
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        path = Path(uri[len("sqlite:///"):]).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+        if not path.is_file():
+            raise ReportError(f"tracking.uri: no MLflow store at {path}; runs write to the tracking.uri they were given "
+                              "(default sqlite:///outputs/mlflow.db, relative to where they ran)")
+        return "sqlite:///" + str(path)
+    if "://" not in uri or uri.startswith("file:"):
+        raise ReportError(f"tracking.uri: {uri!r} is not a store URI; use sqlite:///PATH.db or an http(s):// or postgresql:// server")
+    try:
+        check_reachable(uri, "tracking.uri")
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
+    return uri
+
+
+RUN_KEYS = {"tracking.uri": "uri", "tracking.experiment": "experiment", "sweep_id": "sweep_id"}
+
+
+def split_run_keys(args) -> None:
+    """`tracking.uri=...` and `tracking.experiment=...` as a run takes them: the same words work
+    for `python -m freqexp` and for its report (they are not config filters)."""
+    rest = []
+    for item in args.filters:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+") in RUN_KEYS:
+            setattr(args, RUN_KEYS[key.lstrip("+")], value)
+        else:
+            rest.append(item)
+    args.filters = rest
+
+
 def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filters: Sequence[str],
               include_pruned: bool = False) -> pd.DataFrame:
     """FINISHED runs, less those tagged pruned; with include_pruned, those and the KILLED runs
     tagged pruned too."""
     import mlflow
 
-    from freqexp.tracking import resolve_uri
+    mlflow.set_tracking_uri(existing_store(uri))
+    if experiment and mlflow.get_experiment_by_name(experiment) is None:
+        import difflib
 
-    mlflow.set_tracking_uri(resolve_uri(uri))
+        known = sorted(e.name for e in mlflow.search_experiments())
+        close = difflib.get_close_matches(experiment, known, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ReportError(f"--experiment: no experiment {experiment!r} in {uri}; {hint}experiments: {', '.join(known) or 'none'}")
     clauses = []
     if sweep_id:
         clauses.append(f"tags.sweep_id = '{sweep_id}'")
     for f in filters:
         key, sep, value = f.partition("=")
         if not sep:
-            raise SystemExit(f"freqexp.report: error: filter {f!r} must be key=value (a config key, e.g. model.name=cae)")
+            raise ReportError(f"filter {f!r} must be key=value (a config key, e.g. model.name=cae)")
         clauses.append(f"params.`{key}` = '{value}'")
     names = [experiment] if experiment else None
 
@@ -478,8 +521,9 @@ def write_report(df: pd.DataFrame, out: Path, metric: Optional[str] = None, sign
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m freqexp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--uri", default="sqlite:///outputs/mlflow.db", help="MLflow tracking URI (default: %(default)s)")
-    ap.add_argument("--experiment", default=None, help="experiment name (default: all)")
+    ap.add_argument("--uri", default="sqlite:///outputs/mlflow.db",
+                    help="MLflow tracking URI, or tracking.uri=URI as for a run (default: %(default)s)")
+    ap.add_argument("--experiment", default=None, help="experiment name, or tracking.experiment=NAME (default: all)")
     ap.add_argument("--sweep-id", default=None, help="only runs of this sweep (tag sweep_id, e.g. 2026-11-25/10-00-00)")
     ap.add_argument("--out", default="outputs/report", help="folder for leaderboard.csv/.md and heatmaps (default: %(default)s)")
     ap.add_argument("--top", type=int, default=10, help="rows printed to the terminal (default: %(default)s)")
@@ -491,12 +535,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--include-pruned", action="store_true",
                     help="also count runs tagged pruned (left out by default: they stopped early)")
     ap.add_argument("filters", nargs="*", metavar="key=value", help="keep runs whose config has key=value")
-    args = ap.parse_args(argv)
-
-    df = load_runs(args.uri, args.experiment, args.sweep_id, args.filters, include_pruned=args.include_pruned)
+    args = ap.parse_intermixed_args(argv)  # key=value filters before or after the options
+    split_run_keys(args)
+    try:
+        df = load_runs(args.uri, args.experiment, args.sweep_id, args.filters, include_pruned=args.include_pruned)
+    except ReportError as e:
+        print(f"freqexp.report: error: {e}", file=sys.stderr)
+        return 2
+    where = f"{args.uri}" + (f", experiment {args.experiment!r}" if args.experiment else ", all experiments")
     if df.empty:
-        print("freqexp.report: no finished runs match", file=sys.stderr)
+        print(f"freqexp.report: no finished runs match in {where}" + (f" ({' '.join(args.filters)})" if args.filters else ""), file=sys.stderr)
         return 1
+    n_exp = df["experiment_id"].nunique() if "experiment_id" in df.columns else 1
+    print(f"freqexp.report: read {len(df)} finished run(s) from {where}" + (f" ({n_exp} experiments)" if n_exp > 1 else ""))
     try:
         files, text, board, keys = write_report(df, Path(args.out), metric=args.metric, significance=args.significance,
                                                 include_pruned=args.include_pruned)

@@ -82,3 +82,24 @@ def test_group_choices_stand_for_the_options_they_set():
         "params.filter.apply_to": ["input", "input", "input", "score"],
     })
     assert swept_keys(df) == ["choice.filter", "filter.apply_to"]
+
+
+def test_report_takes_tracking_uri_like_a_run_says_what_it_read_and_never_creates_a_store(tmp_path, capsys, monkeypatch):
+    uri = make_store(f"sqlite:///{tmp_path / 'r.db'}")
+    assert report_main([f"tracking.uri={uri}", "tracking.experiment=grid", "--out", str(tmp_path / "a"), "model.name=ae"]) == 0
+    out = capsys.readouterr().out
+    assert f"read 6 finished run(s) from {uri}, experiment 'grid'" in out
+    board = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
+    assert list(board["loss.spec"]) == ["mse+ssim", "mse"]  # tracking.* were not taken as filters
+    # a store that is not there: one line naming the key, exit 2, and no file left behind
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nowhere" / "typo.db"
+    assert report_main([f"tracking.uri=sqlite:///{missing}", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tracking.uri" in err[0] and str(missing) in err[0]
+    assert not missing.exists() and not missing.parent.exists()
+    assert report_main(["--out", str(tmp_path / "c")]) == 2  # the default store, relative to here, is absent
+    assert not (tmp_path / "outputs").exists()
+    # an experiment that is not there: a did-you-mean, exit 2
+    assert report_main(["--uri", uri, "--experiment", "gird", "--out", str(tmp_path / "d")]) == 2
+    assert "did you mean grid" in capsys.readouterr().err
