@@ -21,7 +21,9 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[dev]"
+	# conf/ and sweeps/ are mapped into the package (freqexp.conf, freqexp.sweeps), so setuptools
+	# installs through a meta-path finder and says so in a notice; nothing to act on, so it is hushed.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e ".[dev]"
 	# hydra-optuna-sweeper 1.3.0 pins optuna<3, whose sqlite storage breaks on the SQLAlchemy 2
 	# that mlflow needs; it works with optuna 5 (pinned above), so it goes in without its deps.
 	$(PY) -m pip install -q --no-deps hydra-optuna-sweeper==1.3.0

@@ -237,10 +237,13 @@ def test_wheel_install_finds_packaged_config(tmp_path):
     import sys
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-                   check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                           check=True, capture_output=True, text=True)
+    assert "Warning" not in built.stdout + built.stderr  # no setuptools "package would be ignored" pages
     wheel = next(tmp_path.glob("freqexp-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n for n in names if n.endswith(".yaml")}
+    assert len(shipped) == len(list((REPO / "conf").rglob("*.yaml"))) + len(list((REPO / "sweeps").glob("*.yaml")))
     for f in ["freqexp/conf/config.yaml", "freqexp/conf/model/cae.yaml", "freqexp/conf/hydra/help/freqexp.yaml",
               "freqexp/conf/analyze.yaml", "freqexp/conf/analysis/band_energy.yaml", "freqexp/sweeps/optuna.yaml",
               "freqexp/analysis/spectra.py", "freqexp/data/fashion_mnist.py"]:
