@@ -1,6 +1,6 @@
 """Batched torch frequency filtering vs a per-image numpy loop, in one process.
 
-    .venv/bin/python benchmarks/filters.py [--repeats 3]
+    .venv/bin/python benchmarks/filters.py [--repeats 3] [--device cuda]
 
 For each filter (Butterworth high-pass FFT, haar DWT high-pass, DCT high 90 %) and each batch
 (1024x1x28x28, 64x3x256x256) it times freqexp's module on the whole batch and a numpy loop that
@@ -58,13 +58,17 @@ def best_time(fn, repeats: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where freqexp's filters run (cpu or cuda); the numpy loop is always the CPU")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; best of {args.repeats}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, filters on {where}; best of {args.repeats}")
     print(f"{'filter':<22}{'batch':<16}{'torch img/s':>14}{'numpy img/s':>14}{'speed-up':>10}{'max |diff|':>12}")
     for shape in [(1024, 1, 28, 28), (64, 3, 256, 256)]:
-        x = torch.rand(shape)
-        xn = x.numpy().astype(np.float64)
+        x_cpu = torch.rand(shape)
+        xn = x_cpu.numpy().astype(np.float64)
+        x = x_cpu.to(device)
         h, w = shape[-2:]
         cases = [
             ("fft butterworth hp", FFTFilter("butterworth", "high", 0.2, 2),
@@ -73,10 +77,13 @@ def main():
             ("dct high 90%", DCTFilter("high", 0.9), lambda: numpy_dct(xn, (~low_frequency_mask(h, w, 0.1)).numpy().astype(float))),
         ]
         for name, module, reference in cases:
+            module = module.to(device)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             with torch.no_grad():
                 module(x)  # warm-up: builds and caches the masks
-                t_torch = best_time(lambda: module(x), args.repeats)
-                ours = module(x).numpy()
+                sync()
+                t_torch = best_time(lambda: (module(x), sync()), args.repeats)
+                ours = module(x).cpu().numpy()
             t_np = best_time(reference, max(1, args.repeats - 2))
             diff = float(np.abs(ours - reference()).max())
             n = shape[0]
