@@ -3,7 +3,12 @@
 The ResNet is written here (torchvision is not a dependency) with torchvision's parameter
 names (conv1, bn1, layer1..layer4 of BasicBlock / Bottleneck blocks with downsample.0/.1, fc),
 so an ImageNet state dict saved by torchvision (`torch.save(resnet18(weights=...).state_dict(),
-"resnet18.pth")`) loads as is through `model.backbone.weights`. Bottlenecks put the stride on
+"resnet18.pth")`) loads as is through `model.backbone.weights`. `weights=imagenet` downloads
+torchvision's own IMAGENET1K_V1 checkpoint of the arch (the file torchvision's `weights=` and
+PatchCore's official code use) into torch's hub cache ($TORCH_HOME/hub/checkpoints, by default
+~/.cache/torch/hub/checkpoints), checking the sha256 prefix in its name; an http(s) URL is
+downloaded the same way. FREQEXP_WEIGHTS_URL (a directory URL serving the same file names)
+replaces download.pytorch.org, for mirrors and proxies. Bottlenecks put the stride on
 the 3x3 convolution (torchvision's "v1.5"); wide_resnet50_2 doubles the bottleneck width.
 
 Without weights the network keeps its random (kaiming) initialization, drawn from torch's
@@ -16,7 +21,13 @@ normalization, and the outputs of the named layers.
 Layers after the last one used are dropped, so they cost neither time nor space in model.pt."""
 from __future__ import annotations
 
+import http.client
 import logging
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -143,6 +154,98 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# torchvision's IMAGENET1K_V1 checkpoints (torchvision/models/resnet.py: ResNet18_Weights,
+# ResNet50_Weights, Wide_ResNet50_2_Weights). The name's suffix is the first 8 hex digits of
+# the file's sha256, which the download checks.
+IMAGENET_URLS: Dict[str, str] = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+}
+IMAGENET = "imagenet"
+WEIGHTS_URL_ENV = "FREQEXP_WEIGHTS_URL"  # a directory URL serving the same file names (mirror, proxy)
+WEIGHTS_TIMEOUT_ENV = "FREQEXP_WEIGHTS_TIMEOUT"  # seconds a connection or read may stall
+DOWNLOAD_TIMEOUT = 20.0
+
+
+def imagenet_url(arch: str, key: str = "model.backbone.weights") -> str:
+    """The URL of `arch`'s torchvision ImageNet checkpoint, under $FREQEXP_WEIGHTS_URL when set."""
+    if arch not in IMAGENET_URLS:
+        raise ConfigError(key, f"no torchvision ImageNet checkpoint known for arch {arch!r} (known: {', '.join(IMAGENET_URLS)}); "
+                               "give a .pth path or an http(s) URL instead")
+    url = IMAGENET_URLS[arch]
+    base = os.environ.get(WEIGHTS_URL_ENV, "").strip()
+    return f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" if base else url
+
+
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+
+
+def download_timeout() -> float:
+    raw = os.environ.get(WEIGHTS_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DOWNLOAD_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(WEIGHTS_TIMEOUT_ENV, f"must be a number of seconds > 0; got {raw!r}")
+    return value
+
+
+def fetch_weights(url: str, key: str = "model.backbone.weights") -> Path:
+    """The local file of `url` in torch's hub cache (<torch.hub.get_dir()>/checkpoints), downloaded
+    first when it is not there. torch.hub.download_url_to_file writes a temporary file, checks the
+    sha256 prefix in the file name (name-<hex>.pth) and only then moves it into place, so a failed
+    or corrupt download leaves nothing in the cache."""
+    name = Path(urllib.parse.urlparse(url).path).name
+    if not name:
+        raise ConfigError(key, f"{url!r} does not end in a file name")
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    file = cache / name
+    if file.is_file():
+        return file
+    match = torch.hub.HASH_REGEX.search(name)
+    hash_prefix = match.group(1) if match else None
+    timeout = download_timeout()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(key, f"cannot write torch's hub cache {str(cache)!r} ({e.strerror or e}); set TORCH_HOME to a writable folder") from None
+    log.info("downloading %s to %s", url, file)
+    advice = f"download it elsewhere and pass its path, or set {WEIGHTS_URL_ENV}"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torch.hub's urlopen takes no timeout: it reads the default
+    try:
+        torch.hub.download_url_to_file(url, str(file), hash_prefix, progress=sys.stderr.isatty())
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise ConfigError(key, f"{url} is not the expected file: its sha256 does not start with {hash_prefix} (the hash in its name); "
+                               f"nothing was kept; retry, or {advice}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        else:
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            reason = f"no answer within {timeout:g} s"
+        reason = " ".join(str(reason).split()) or type(reason).__name__
+        raise ConfigError(key, f"cannot download {url} ({reason}); {advice}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return file
+
+
+def resolve_weights(weights: Any, arch: str, key: str = "model.backbone.weights") -> Any:
+    """`weights` as a local file: `imagenet` and http(s) URLs are fetched into torch's hub cache."""
+    if isinstance(weights, str) and weights.strip().lower() == IMAGENET:
+        return fetch_weights(imagenet_url(arch, key), key)
+    if is_url(weights):
+        return fetch_weights(weights.strip(), key)
+    return weights
+
+
 def load_weights(module: nn.Module, path: Any, key: str = "model.backbone.weights") -> None:
     """Load a torchvision-format state dict from `path` into `module`. Every tensor the module
     has must be there with the same shape (extra entries, e.g. fc or layer4 of a truncated
@@ -249,10 +352,10 @@ class FeatureExtractor(nn.Module):
         self.net = ResNet(opts["arch"]).truncate(max(self.layers, key=LAYERS.index))
         self.weights = opts["weights"]
         if self.weights is not None:
-            load_weights(self.net, self.weights)
+            load_weights(self.net, resolve_weights(self.weights, opts["arch"]))
         else:
             log.warning("model.backbone.weights is not set: the %s has random weights, so its features are random and results are not "
-                        "the published method's (give a torchvision ImageNet state dict .pth for real features)", opts["arch"])
+                        "the published method's (model.backbone.weights=imagenet for real features)", opts["arch"])
         self.net.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
