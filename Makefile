@@ -88,7 +88,8 @@ bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/filters.py
 
-ui: install  ## MLflow UI on http://127.0.0.1:$(PORT) over the default store
+ui: install  ## MLflow UI on http://127.0.0.1:$(PORT) over the default store; prints each experiment's runs-table link
+	-@$(PY) -m freqexp.ui --uri $(STORE) --port $(PORT)
 	$(VENV)/bin/mlflow server --backend-store-uri $(STORE) --host 127.0.0.1 --port $(PORT) --workers 1
 
 clean:  ## remove run outputs, caches and the virtualenv

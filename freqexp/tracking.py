@@ -75,8 +75,113 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
     return out
 
 
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
+# --- the MLflow UI -------------------------------------------------------------------------
+# MLflow 3.x opens an experiment on its GenAI "Overview" tab (traces, token usage). In 3.17 the
+# experiment page takes its kind from the sidebar's "GenAI | Model training" switch: the URL
+# parameter `workflowType` (genai | machine_learning), else the browser's localStorage
+# `mlflow.workflowType`, default genai; the experiment tag `mlflow.experimentKind` is read only
+# where that switch is turned off (3.x releases before it). So the link carries
+# workflowType=machine_learning and lands on the runs tab, and the tag is set as well.
+# The runs table shows no metric columns until chosen; a shared view (an experiment tag
+# `mlflow.sharedViewState.<key>` holding the table state, opened with ?viewStateShareKey=<key>,
+# what the UI's own "Share" writes) pre-selects them.
+UI_HOST = "127.0.0.1"
+UI_PORT = 5000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning"; the other is genai_development
+SHARED_VIEW_KEY = "freqexp"
+SHARED_VIEW_TAG = "mlflow.sharedViewState." + SHARED_VIEW_KEY
+RUNS_TABLE_METRICS = ("val/auroc", "val/ap", "test/auroc", "test/ap")
+
+
+def shared_view_state() -> str:
+    """The runs-table state behind ui_link: the metric columns freqexp reports, then Duration."""
+    import json
+
+    metrics = [f"metrics.`{key}`" for key in RUNS_TABLE_METRICS]
+    columns = metrics + ["attributes.`Duration`"]
+    return json.dumps({"selectedColumns": columns, "columnOrder": columns}, separators=(",", ":"))
+
+
+def experiment_ui_tags() -> Dict[str, str]:
+    """Experiment tags that make the MLflow UI treat it as model training with metric columns."""
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, SHARED_VIEW_TAG: shared_view_state()}
+
+
+def mlflow_executable() -> str:
+    """The `mlflow` beside this interpreter (the venv's), as an absolute path, so a printed
+    command works from any directory without the venv activated."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).absolute().parent / "mlflow"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mlflow")
+    return str(Path(found).absolute()) if found else f"{sys.executable} -m mlflow"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:" and not uri[len("sqlite:///"):].startswith("/"):
+        return "sqlite:///" + str(Path.cwd() / uri[len("sqlite:///"):])
+    return uri
+
+
+def ui_command(uri: str, port: int = UI_PORT) -> str:
+    """The shell command that serves the MLflow UI over `uri` (what `make ui` runs), with the
+    venv's mlflow by absolute path. An http(s) tracking URI is a server already: the URI."""
+    import shlex
+
+    if uri.startswith(("http://", "https://")):
+        return uri
+    exe = mlflow_executable()
+    exe = exe if " -m " in exe else shlex.quote(exe)
+    return (f"{exe} server --backend-store-uri {shlex.quote(_absolute_sqlite(uri))} "
+            f"--host {UI_HOST} --port {int(port)} --workers 1")
+
+
+def ui_base(uri_or_port) -> str:
+    """Where the UI answers: an http(s) tracking server itself, else ui_command's host:port."""
+    if isinstance(uri_or_port, int):
+        return f"http://{UI_HOST}:{uri_or_port}"
+    if isinstance(uri_or_port, str) and uri_or_port.startswith(("http://", "https://")):
+        return uri_or_port.rstrip("/")
+    return f"http://{UI_HOST}:{UI_PORT}"
+
+
+def ui_link(uri_or_port, experiment_id, columns: bool = True) -> str:
+    """The page that opens the experiment on its runs table (not the GenAI overview), with
+    freqexp's metric columns shown when `columns` (the experiment has the shared-view tag once
+    a Tracker opened it)."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={SHARED_VIEW_KEY}" if columns else "")
+    return f"{ui_base(uri_or_port)}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def run_link(uri_or_port, experiment_id, run_id, tab: str = "") -> str:
+    """A run's page in the UI; tab: "" (overview), "artifacts", "model-metrics"."""
+    tail = f"/{tab}" if tab else ""
+    return f"{ui_base(uri_or_port)}/#/experiments/{experiment_id}/runs/{run_id}{tail}?workflowType=machine_learning"
+
+
+def ui_links(uri: str, port: int = UI_PORT) -> Dict[str, str]:
+    """{experiment name: runs-table link} for the active experiments of a sqlite store, read
+    with sqlite3 directly (no mlflow import, nothing created when the store is missing)."""
+    import sqlite3
+
+    uri = _absolute_sqlite(uri)
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return {}
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_file():
+        return {}
+    try:
+        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5) as db:
+            rows = db.execute("SELECT experiment_id, name FROM experiments WHERE lifecycle_stage = 'active' "
+                              "ORDER BY experiment_id").fetchall()
+            viewed = {exp_id for (exp_id,) in db.execute("SELECT experiment_id FROM experiment_tags WHERE key = ?", (SHARED_VIEW_TAG,))}
+    except sqlite3.Error:
+        return {}
+    return {name: ui_link(int(port), exp_id, columns=exp_id in viewed) for exp_id, name in rows if str(exp_id) != "0" or name != "Default"}
 
 
 @contextmanager
@@ -117,15 +222,25 @@ class Tracker:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError("tracking.experiment", f"must be a non-empty name; got {name!r}")
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=self._artifact_root(name), tags=experiment_ui_tags())
+            except Exception:  # another job of the sweep created it first
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        self._tag_for_ui(exp)
+        return exp.experiment_id
+
+    def _tag_for_ui(self, exp) -> None:
+        """An experiment made before (or by something else) gets the UI tags too; best effort:
+        a store that refuses tags still takes runs."""
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_root(name))
-        except Exception:  # another job of the sweep created it first
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+            for key, value in experiment_ui_tags().items():
+                if (exp.tags or {}).get(key) != value:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
+        except Exception:
+            pass
 
     def find_finished(self, config_hash: str):
         """The newest FINISHED run of this experiment with this config hash, or None."""
