@@ -16,7 +16,13 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    import warnings
+
     from freqexp.overrides import check
+
+    # hydra-optuna-sweeper's TPE config passes every TPESampler argument, four of which Optuna 4.9+
+    # deprecates; the defaults it passes are Optuna's own, so the warning says nothing to act on
+    warnings.filterwarnings("ignore", message=r"`\w+` has been deprecated in v4\.9\.0", category=FutureWarning)
 
     problem = check(sys.argv[1:])
     if problem:

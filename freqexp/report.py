@@ -92,7 +92,14 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
     tagged pruned too."""
     import mlflow
 
-    mlflow.set_tracking_uri(existing_store(uri))
+    uri = existing_store(uri)
+    mlflow.set_tracking_uri(uri)
+    try:  # runs left RUNNING by a process killed hard: KILLED, said in one line
+        from freqexp.orphans import reap_store
+
+        reap_store(uri, experiment)
+    except Exception:  # noqa: BLE001 - a read-only store still gets its report
+        pass
     if experiment and mlflow.get_experiment_by_name(experiment) is None:
         import difflib
 
@@ -547,7 +554,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"freqexp.report: no finished runs match in {where}" + (f" ({' '.join(args.filters)})" if args.filters else ""), file=sys.stderr)
         return 1
     n_exp = df["experiment_id"].nunique() if "experiment_id" in df.columns else 1
-    print(f"freqexp.report: read {len(df)} finished run(s) from {where}" + (f" ({n_exp} experiments)" if n_exp > 1 else ""))
+    n_pruned = int(pruned_mask(df).sum())
+    print(f"freqexp.report: read {len(df)} run(s) from {where}" + (f", {n_pruned} of them pruned" if n_pruned else "")
+          + (f" ({n_exp} experiments)" if n_exp > 1 else ""))
     try:
         files, text, board, keys = write_report(df, Path(args.out), metric=args.metric, significance=args.significance,
                                                 include_pruned=args.include_pruned)

@@ -18,9 +18,10 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from freqexp import pruning
 from freqexp.errors import FreqexpError
 from freqexp.sweep import STATUS_FILE
-from freqexp.validate import Plan, make_plan
+from freqexp.validate import Plan, make_plan, objectives
 
 log = logging.getLogger("freqexp")
 
@@ -86,7 +87,7 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
         callbacks.append(EpochLines())
     return L.Trainer(
         accelerator=plan.hardware.accelerator,
-        devices=1,
+        devices=[plan.hardware.device.index] if plan.hardware.device.index is not None else 1,
         precision=plan.hardware.precision,
         max_epochs=t.max_epochs if max_epochs is None else max_epochs,
         check_val_every_n_epoch=1 if plan.model.gradient_free else t.val_every_n_epochs,
@@ -177,6 +178,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     exists; once the run is open, any exception ends it FAILED with the error recorded. With
     `resume`, a config that already has a FINISHED run in the experiment is not run again."""
     plan = make_plan(cfg)  # 1. every value checked, components built
+    from freqexp.orphans import where_tags
     from freqexp.tracking import Tracker
 
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -207,7 +209,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     output_dir.mkdir(parents=True, exist_ok=True)
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
-                "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **(tags or {})}
+                "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **where_tags(), **(tags or {})}
     run_id = tracker.start(run_name or run_label(cfg), run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
     try:
@@ -238,6 +240,9 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
         best = BestWeights() if cfg.trainer.restore_best and not plan.model.gradient_free else None
         if best:
             callbacks.append(best)
+        trial = pruning.current()
+        if trial is not None and pruning.reports_every_epoch(cfg):  # an Optuna trial: report each epoch, stop if pruned
+            callbacks.append(pruning.callback(trial, monitor=objectives(cfg)[0]))
         trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
         train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
         val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
@@ -269,8 +274,16 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
         tracker.log_artifacts(artifacts)
         tracker.set_tags({"status": "finished"})
         tracker.end("FINISHED")
-        return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes")})
+        return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes"),
+                                                                     "experiment_id": tracker.experiment_id})
     except BaseException as e:  # the run must never be left RUNNING
+        if pruning.is_pruned(e):  # the search's pruner stopped it: not a failure, and not a result
+            e.pruned_epoch = int(trainer.current_epoch) + 1
+            try:
+                tracker.set_tags({"status": "pruned", "pruned": "true", "pruned_epoch": e.pruned_epoch})
+            finally:
+                tracker.end("KILLED")
+            raise
         # Lightning turns an interrupt during fit into SystemExit (and SIGTERM into SIGTERMException, a SystemExit)
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
         try:
@@ -362,15 +375,14 @@ def summary(cfg, result: RunResult) -> str:
         f"peak memory {m['sys/peak_memory_mb']:,.0f} MiB   ({m['train/seconds']:.1f} s training)",
         f"  run dir  {result.output_dir}",
         f"  MLflow   {result.tracking_uri}   experiment '{cfg.tracking.experiment}'   run {result.run_id}",
-        f"  open UI  {ui(result.tracking_uri)}",
     ]
+    from freqexp.tracking import ui_command, ui_link
+
+    if not result.tracking_uri.startswith(("http://", "https://")):  # a server already has its UI
+        lines.append(f"  open UI  {ui_command(result.tracking_uri)}")
+    if result.info.get("experiment_id") is not None:
+        lines.append(f"  runs     {ui_link(result.tracking_uri, result.info['experiment_id'])}")
     return "\n".join(lines)
-
-
-def ui(uri: str) -> str:
-    from freqexp.tracking import ui_command
-
-    return ui_command(uri)
 
 
 def write_status(output_dir: Path, **fields) -> None:
@@ -402,8 +414,22 @@ def task(cfg: DictConfig):
     if multirun:
         sweep_dir = Path(hc.sweep.dir)
         tags.update({"sweep_id": f"{sweep_dir.parent.name}/{sweep_dir.name}", "sweep_dir": str(sweep_dir.resolve()), "job_num": str(hc.job.num)})
+    if not multirun:
+        problem = pruning.check(cfg, optuna_sweep=False)
+        if problem:
+            print(f"freqexp: error: {problem}", file=sys.stderr)
+            sys.exit(2)
     try:
-        result = execute(cfg, output_dir, run_name=run_label(cfg, list(hc.overrides.task)), tags=tags, resume=multirun and bool(cfg.sweep.resume))
+        try:
+            result = execute(cfg, output_dir, run_name=run_label(cfg, list(hc.overrides.task)), tags=tags,
+                             resume=multirun and bool(cfg.sweep.resume))
+        except Exception as e:
+            if not pruning.is_pruned(e):
+                raise
+            epoch = getattr(e, "pruned_epoch", None)
+            write_status(output_dir, status="pruned", overrides=overrides, epoch=epoch)
+            log.info("job %s (%s) pruned after epoch %s", hc.job.num, overrides, epoch)
+            return pruning.Pruned(epoch, None)
     except FreqexpError as e:
         message = one_line(e)
         write_status(output_dir, status="failed", overrides=overrides, error=message)

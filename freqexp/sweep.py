@@ -28,7 +28,9 @@ def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
     finished = [j for j in jobs if j["status"] == "finished"]
     skipped = [j for j in jobs if j["status"] == "skipped"]
     failed = [j for j in jobs if j["status"] == "failed"]
-    lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed, {len(skipped)} skipped (already finished) ({sweep_dir})"]
+    pruned = [j for j in jobs if j["status"] == "pruned"]
+    lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed, {len(skipped)} skipped (already finished)"
+             + (f", {len(pruned)} pruned" if pruned else "") + f" ({sweep_dir})"]
     def first(j):
         value = j.get("objective")
         value = value[0] if isinstance(value, list) else value
@@ -38,6 +40,8 @@ def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
         tag = "ok     " if j["status"] == "finished" else "skipped"
         objective = f"{first(j):.4f}" if first(j) != float("-inf") else "   ?  "
         lines.append(f"  {tag} {label} {objective}  {j['overrides']}")
+    for j in pruned:
+        lines.append(f"  pruned  after epoch {j.get('epoch', '?')}  {j['overrides']}")
     for j in failed:
         lines.append(f"  FAILED  {j['overrides']}: {j.get('error', '?')}")
     return "\n".join(lines)
@@ -73,7 +77,7 @@ def write_sweep_report(config: DictConfig, jobs: list[dict], sweep_dir: Path) ->
     if not config.get("sweep", {}).get("summary_run", False):
         return
     sweep_id = f"{sweep_dir.parent.name}/{sweep_dir.name}"
-    counts = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "failed", "skipped")}
+    counts = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "failed", "skipped", "pruned")}
     tracker.start(f"sweep:{sweep_id}", {"kind": "sweep_summary", "sweep_id": sweep_id, "sweep_dir": str(sweep_dir.resolve()),
                                          "summary": text[:5000]})
     try:
@@ -83,13 +87,25 @@ def write_sweep_report(config: DictConfig, jobs: list[dict], sweep_dir: Path) ->
         tracker.end("FINISHED")
 
 
+def is_freqexp_optuna(config: DictConfig) -> bool:
+    target = str(config.hydra.sweeper.get("_target_", ""))
+    return target.endswith("freqexp_launch.FreqexpOptunaSweeper")
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from freqexp.errors import ConfigError
         from freqexp.validate import objectives
 
-        try:  # a bad objective would fail every job: say it once, before any starts
+        from freqexp import pruning
+        from freqexp.parallel import plan_workers
+
+        try:  # a bad objective, pruner or worker count would fail every job: say it once, before any starts
             objectives(config)
+            plan_workers(config)
+            problem = pruning.check(config, optuna_sweep=is_freqexp_optuna(config))
+            if problem:
+                raise ConfigError(*problem.split(": ", 1))
         except ConfigError as e:
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -105,9 +121,11 @@ class SweepSummary(Callback):
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
         try:  # create the store and experiment once, before parallel jobs race to
+            from freqexp.orphans import reap, say
             from freqexp.tracking import Tracker
 
-            Tracker(config.tracking.uri, config.tracking.experiment)
+            tracker = Tracker(config.tracking.uri, config.tracking.experiment)
+            say(reap(tracker.client, [tracker.experiment_id]), tracker.uri)  # runs an earlier sweep left RUNNING when killed
         except Exception as e:  # a bad URI is each job's one-line error; do not fail here
             log.debug("store not prepared: %s", e)
 
@@ -124,5 +142,5 @@ class SweepSummary(Callback):
             write_sweep_report(config, jobs, sweep_dir)
         except Exception as e:  # the jobs' own runs are already safe; say so and go on
             log.warning("could not write the sweep's leaderboard: %s", e)
-        if all(j["status"] == "failed" for j in jobs):
+        if all(j["status"] == "failed" for j in jobs):  # (pruned jobs are the search working, not failures)
             sys.exit(1)

@@ -88,7 +88,7 @@ def test_report_takes_tracking_uri_like_a_run_says_what_it_read_and_never_create
     uri = make_store(f"sqlite:///{tmp_path / 'r.db'}")
     assert report_main([f"tracking.uri={uri}", "tracking.experiment=grid", "--out", str(tmp_path / "a"), "model.name=ae"]) == 0
     out = capsys.readouterr().out
-    assert f"read 6 finished run(s) from {uri}, experiment 'grid'" in out
+    assert f"read 6 run(s) from {uri}, experiment 'grid'" in out
     board = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
     assert list(board["loss.spec"]) == ["mse+ssim", "mse"]  # tracking.* were not taken as filters
     # a store that is not there: one line naming the key, exit 2, and no file left behind

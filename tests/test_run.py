@@ -6,7 +6,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -186,7 +188,7 @@ def test_multirun_isolates_a_failing_job(tmp_path):
     assert sorted(statuses.values()) == ["FAILED", "FINISHED", "FINISHED"]
     assert len(failed) == 1 and "NaNCAE" in failed[0]
     assert "loss became nan" in by_name[failed[0]]["tags.error"]
-    assert all("dataset=synthetic" in n for n in by_name)
+    assert all(" · synthetic · s0" in n for n in by_name)  # named by what ran: model first, then loss, filter, data, seed
     assert runs["tags.sweep_id"].nunique() == 1 and runs["experiment_id"].nunique() == 1
     out = r.stdout + r.stderr
     assert "2 finished, 1 failed" in out and "FAILED  dataset=synthetic,model.name=tests.nan_model" in out
@@ -215,7 +217,9 @@ def test_cli_from_another_directory_and_console_script(tmp_path):
     """`python -m freqexp` and `freqexp` work outside the repo; outputs land where they run."""
     r = cli(["dataset=synthetic", "filter=fair", *FAST], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "test  AUROC" in r.stdout and "open UI  mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    mlflow_exe = str(Path(sys.executable).parent / "mlflow")  # by absolute path: works outside the venv
+    assert "test  AUROC" in r.stdout and f"open UI  {mlflow_exe} server --backend-store-uri sqlite:///" in r.stdout
+    assert "/#/experiments/1/runs?workflowType=machine_learning" in r.stdout  # lands on the runs table
     assert (tmp_path / "outputs" / "mlflow.db").exists()
     run = read_runs(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").iloc[0]  # the presets chosen, beside their keys
     assert (run["params.choice.filter"], run["params.choice.model"], run["params.filter.name"]) == ("fair", "cae", "fft")

@@ -71,7 +71,8 @@ def test_missing_markers_and_empty_experiment(zoo_store, tmp_path, capsys):
     with pytest.raises(SystemExit, match="zoo:start"):
         zoo.main(["--uri", zoo_store, "--readme", str(readme)])
     assert readme.read_text() == "no markers\n"
-    assert zoo.main(["--uri", zoo_store, "--experiment", "nothing_here"]) == 1
+    assert zoo.main(["--uri", zoo_store, "--experiment", "nothing_here"]) == 2  # no such experiment: one line
+    assert "no experiment 'nothing_here'" in capsys.readouterr().err
 
 
 @needs_fmnist

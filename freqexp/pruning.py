@@ -1,0 +1,146 @@
+"""Pruning for Optuna searches: Optuna's own pruners, fed each validated epoch's objective.
+
+The freqexp Optuna sweeper (freqexp/optuna_sweeper.py) asks the study for a trial and runs its
+job; the job finds that trial here (`current()`), reports `val/auroc` (the sweep objective) after
+every validation epoch through optuna-integration's Lightning pruning callback, and stops when
+the pruner says so. The job then ends its MLflow run KILLED with tags `pruned=true` and
+`pruned_epoch`, and returns a `Pruned` result, which the sweeper tells the study as PRUNED.
+
+    sweep.pruner.name: none | median | successive_halving | hyperband | threshold   (and their settings)
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from freqexp.errors import ConfigError
+
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "threshold")
+# metrics a job reports every validation epoch: what a pruner can watch
+PER_EPOCH_OBJECTIVES = ("val/auroc", "val/ap")
+
+_current: Any = None  # the optuna Trial of the job running in this process, if any
+
+
+@dataclass
+class Pruned:
+    """What a pruned job returns to the sweeper (instead of an objective value)."""
+    epoch: int            # epochs trained when it was stopped (1-based)
+    value: Optional[float]  # the last reported objective
+
+    def __float__(self):  # never mistaken for a result by code that wants a number
+        raise TypeError("a pruned trial has no objective value")
+
+
+def attach(trial: Any) -> None:
+    """Set (or clear, with None) the trial of the job about to run in this process. A tuple
+    (storage, study_name, trial_id, pruner_cfg) is loaded from the study's storage: how a worker
+    process of an asynchronous search finds the trial its parent asked for."""
+    global _current
+    if isinstance(trial, tuple):
+        import optuna
+
+        storage, study_name, trial_id, pruner_cfg, max_epochs = trial
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=build(pruner_cfg, max_epochs))
+        trial = optuna.trial.Trial(study, trial_id)
+    _current = trial
+
+
+def current() -> Any:
+    return _current
+
+
+def name_of(pruner_cfg: Any) -> str:
+    if pruner_cfg is None:
+        return "none"
+    name = pruner_cfg if isinstance(pruner_cfg, str) else pruner_cfg.get("name", "none")
+    name = "none" if name is None else str(name)
+    if name not in PRUNERS:
+        close = difflib.get_close_matches(name, PRUNERS, n=2, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError("sweep.pruner.name", f"no pruner {name!r}; {hint}options: {', '.join(PRUNERS)}")
+    return name
+
+
+def _setting(cfg: Any, key: str, default: Any, low: int) -> int:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"sweep.pruner.{key}", f"must be an integer >= {low}; got {value!r}")
+    return value
+
+
+def build(pruner_cfg: Any, max_epochs: int):
+    """The Optuna pruner named by `sweep.pruner`, or None for none. Steps are epochs (0-based,
+    as optuna-integration's Lightning callback reports them)."""
+    import optuna
+
+    name = name_of(pruner_cfg)
+    cfg = pruner_cfg if hasattr(pruner_cfg, "get") else {}
+    if name == "none":
+        return None
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=_setting(cfg, "n_startup_trials", 5, 0),
+                                           n_warmup_steps=_setting(cfg, "n_warmup_steps", 1, 0))
+    if name == "threshold":  # a floor: a trial whose objective is below `lower` after the warm-up stops
+        lower = cfg.get("lower", 0.5)
+        if isinstance(lower, bool) or not isinstance(lower, (int, float)):
+            raise ConfigError("sweep.pruner.lower", f"must be a number (the objective below which a trial stops); got {lower!r}")
+        return optuna.pruners.ThresholdPruner(lower=float(lower), n_warmup_steps=_setting(cfg, "n_warmup_steps", 1, 0))
+    min_resource = _setting(cfg, "min_resource", 1, 1)
+    reduction = _setting(cfg, "reduction_factor", 3, 2)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=reduction)
+    max_resource = cfg.get("max_resource", "auto")
+    max_resource = int(max_epochs) if max_resource in (None, "auto") else _setting(cfg, "max_resource", max_epochs, min_resource)
+    return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction)
+
+
+def check(config: Any, optuna_sweep: bool) -> Optional[str]:
+    """One-line problems with `sweep.pruner` (None when fine): an unknown name or setting, a
+    pruner without an Optuna search, with several objectives, or watching a metric that is not
+    reported every epoch."""
+    from freqexp.validate import objectives
+
+    sweep = config.get("sweep") or {}
+    pruner_cfg = sweep.get("pruner")
+    try:
+        name = name_of(pruner_cfg)
+        build(pruner_cfg, int(config.trainer.max_epochs))
+    except ConfigError as e:
+        return str(e)
+    if name == "none":
+        return None
+    if not optuna_sweep:
+        return (f"sweep.pruner.name: {name} prunes the trials of an Optuna search; use it with +sweep=optuna or "
+                "+sweep=optuna_pruned (or set sweep.pruner.name=none)")
+    keys = objectives(config)
+    if len(keys) > 1:
+        return f"sweep.pruner.name: Optuna cannot prune a multi-objective search ({', '.join(keys)}); set sweep.pruner.name=none"
+    if keys[0] not in PER_EPOCH_OBJECTIVES:
+        return f"sweep.pruner.name: the objective {keys[0]} is measured once at the end; a pruner watches {' or '.join(PER_EPOCH_OBJECTIVES)}"
+    return None
+
+
+def reports_every_epoch(config: Any) -> bool:
+    """A trial reports its objective each epoch when there is one objective, measured each epoch."""
+    from freqexp.validate import objectives
+
+    keys = objectives(config)
+    return len(keys) == 1 and keys[0] in PER_EPOCH_OBJECTIVES
+
+
+def callback(trial: Any, monitor: str):
+    """optuna-integration's Lightning pruning callback: reports `monitor` after each validation
+    epoch and raises optuna.TrialPruned when the pruner says so."""
+    from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
+
+    return PyTorchLightningPruningCallback(trial, monitor=monitor)
+
+
+def is_pruned(e: BaseException) -> bool:
+    try:
+        import optuna
+    except ImportError:
+        return False
+    return isinstance(e, optuna.TrialPruned)

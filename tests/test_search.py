@@ -1,0 +1,223 @@
+"""Optuna searches that stop losers early (pruning), run trials asynchronously on several worker
+processes, pin jobs to GPUs, and leave no orphans: read back from the study and from MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from freqexp import pruning
+from freqexp.errors import ConfigError
+from freqexp.parallel import DeviceSlots, plan_workers, with_device
+from tests.conftest import PYTHON, cli, read_runs
+
+SEARCH = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.progress_bar=false", "tracking.log_images=false",
+          "hydra.sweeper.sampler.seed=0"]
+
+
+def study_of(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def test_a_pruned_trial_stops_early_is_pruned_in_the_study_and_tagged_in_mlflow(tmp_path):
+    """threshold pruner with a floor no AUROC reaches: every trial stops after its warm-up epoch."""
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    r = cli([*SEARCH, "trainer.max_epochs=4", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=pruned",
+             "sweep.pruner.name=threshold", "sweep.pruner.lower=1.01", "sweep.pruner.n_warmup_steps=1", f"tracking.uri={db}"],
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = study_of(tmp_path, "pruned")
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    for t in study.trials:  # reported after epochs 1 and 2 (steps 0, 1), stopped at the first step past the warm-up
+        assert sorted(t.intermediate_values) == [0, 1]
+    runs = read_runs(db)
+    assert list(runs["status"]) == ["KILLED", "KILLED"]
+    assert set(runs["tags.pruned"]) == {"true"} and set(runs["tags.pruned_epoch"]) == {"2"}
+    client = MlflowClient(db)
+    for run_id, t in zip(runs.sort_values("start_time")["run_id"], study.trials):
+        curve = {m.step: m.value for m in client.get_metric_history(run_id, "val_epoch/auroc")}
+        assert sorted(curve) == [1, 2]  # 2 of 4 epochs trained
+        assert curve[2] == pytest.approx(t.intermediate_values[1])  # the value Optuna saw is the one MLflow holds
+        assert "test/auroc" not in client.get_run(run_id).data.metrics  # a pruned run is not evaluated on test
+    assert "2 pruned" in r.stdout + r.stderr and "pruned  after epoch 2" in r.stdout
+    # the leaderboard leaves pruned runs out by default, and shows them on request
+    from freqexp.report import main as report_main
+
+    assert report_main(["--uri", db, "--out", str(tmp_path / "rep")]) == 1
+    assert report_main(["--uri", db, "--out", str(tmp_path / "rep"), "--include-pruned"]) == 0
+
+
+@pytest.mark.parametrize("name, kind", [("median", optuna.pruners.MedianPruner), ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+                                        ("hyperband", optuna.pruners.HyperbandPruner), ("threshold", optuna.pruners.ThresholdPruner)])
+def test_each_pruner_is_optunas_own_with_its_settings(name, kind):
+    cfg = {"name": name, "n_startup_trials": 2, "n_warmup_steps": 3, "min_resource": 2, "reduction_factor": 4,
+           "max_resource": "auto", "lower": 0.7}
+    p = pruning.build(cfg, max_epochs=27)
+    assert isinstance(p, kind)
+    if name == "median":
+        assert (p._n_startup_trials, p._n_warmup_steps) == (2, 3)
+    if name == "successive_halving":
+        assert (p._min_resource, p._reduction_factor) == (2, 4)
+    if name == "hyperband":
+        assert (p._min_resource, p._max_resource, p._reduction_factor) == (2, 27, 4)  # auto: trainer.max_epochs
+    if name == "threshold":
+        assert (p._lower, p._n_warmup_steps) == (0.7, 3)
+    assert pruning.build({"name": "none"}, 5) is None
+
+
+def test_pruning_uses_optunas_lightning_callback_on_the_sweep_objective():
+    from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
+
+    study = optuna.create_study(direction="maximize")
+    cb = pruning.callback(study.ask(), monitor="val/auroc")
+    assert isinstance(cb, PyTorchLightningPruningCallback) and cb.monitor == "val/auroc"
+
+
+# ---------------------------------------------------------------- bad input, before any job
+
+
+@pytest.mark.parametrize("args, key, words", [
+    (["+sweep=optuna", "sweep.pruner.name=medain"], "sweep.pruner.name", "did you mean median"),
+    (["+sweep=optuna", "sweep.workers=0"], "sweep.workers", "auto or an integer >= 1"),
+    (["+sweep=optuna", "sweep.jobs_per_device=0"], "sweep.jobs_per_device", "integer >= 1"),
+    (["+sweep=optuna", "sweep.pruner.name=median", "sweep.pruner.n_warmup_steps=-1"], "sweep.pruner.n_warmup_steps", ">= 0"),
+    (["model=ae,cae", "sweep.pruner.name=median"], "sweep.pruner.name", "+sweep=optuna"),
+    (["+sweep=optuna_multi", "sweep.pruner.name=median"], "sweep.pruner.name", "multi-objective"),
+    (["+sweep=optuna", "sweep.workers=2", "hydra.sweeper.storage=null"], "sweep.workers", "hydra.sweeper.storage"),
+])
+def test_bad_search_settings_are_one_line_before_any_job(tmp_path, args, key, words):
+    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", *args, f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"],
+            cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"freqexp: error: {key}:") and words in last and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("outputs/multiruns/*/*/*/job_status.json"))  # no job ran
+
+
+def test_a_pruner_on_a_single_run_is_refused(tmp_path):
+    r = cli(["dataset=synthetic", "sweep.pruner.name=hyperband", f"tracking.uri=sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("freqexp: error: sweep.pruner.name:")
+    assert not (tmp_path / "x.db").exists()
+
+
+# ---------------------------------------------------------------- asynchronous workers
+
+
+def test_two_workers_on_one_sqlite_study_finish_every_trial_once_and_overlap(tmp_path):
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    r = cli([*SEARCH, "trainer.max_epochs=2", "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=async", "sweep.workers=2",
+             f"tracking.uri={db}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = study_of(tmp_path, "async")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]  # none lost, none twice
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in study.trials)  # each epoch reported from the worker process
+    runs = read_runs(db)
+    assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(runs["metrics.val/auroc"]))
+    assert len({json.loads(p.read_text())["run_id"] for p in tmp_path.glob("outputs/multiruns/*/*/*/job_status.json")}) == 3
+    spans = sorted(zip(runs["start_time"], runs["end_time"]))
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # two trials were in flight at once
+
+
+# ---------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("gpus, per_device", [(1, 1), (1, 3), (2, 1), (2, 2), (8, 1), (8, 2)])
+def test_device_slots_spread_jobs_over_every_gpu_k_at_a_time(gpus, per_device):
+    slots = DeviceSlots(gpus, per_device)
+    taken = [slots.acquire() for _ in range(gpus * per_device)]
+    assert sorted(taken) == sorted(list(range(gpus)) * per_device)  # every device used, none over k
+    assert taken[:gpus] == list(range(gpus))  # the first G jobs go to G different devices
+    with pytest.raises(RuntimeError):
+        slots.acquire()
+    slots.release(taken[-1])
+    assert slots.acquire() == taken[-1]  # a freed slot is reused at once
+    assert slots.capacity == gpus * per_device
+
+
+@pytest.mark.parametrize("gpus, setting, per_device, accelerator, expected", [
+    (0, "auto", 1, "auto", (1, 0)), (1, "auto", 1, "auto", (1, 1)), (2, "auto", 1, "auto", (2, 2)),
+    (8, "auto", 2, "auto", (16, 8)), (8, "auto", 1, "cpu", (1, 0)), (2, 3, 1, "gpu", (3, 2)), (0, 4, 1, "auto", (4, 0)),
+])
+def test_worker_count(gpus, setting, per_device, accelerator, expected):
+    cfg = OmegaConf.create({"sweep": {"workers": setting, "jobs_per_device": per_device}, "hardware": {"accelerator": accelerator}})
+    workers, used, k = plan_workers(cfg, n_gpus=gpus)
+    assert (workers, used) == expected and k == per_device
+    with pytest.raises(ConfigError, match="sweep.workers"):
+        plan_workers(OmegaConf.create({"sweep": {"workers": 0}}), n_gpus=gpus)
+
+
+def test_each_job_is_pinned_by_an_override_that_replaces_any_earlier_one():
+    assert with_device(["model=cae", "hardware.device_index=3"], 1) == ["model=cae", "hardware.device_index=1"]
+    assert with_device(["model=cae"], None) == ["model=cae"]
+
+
+# ---------------------------------------------------------------- no orphans
+
+
+def test_a_sweep_killed_hard_leaves_no_running_trial_or_run_behind(tmp_path):
+    """kill -9 mid-trial; the next sweep fails the silent trial, marks its MLflow run KILLED, and
+    runs its own trials: the killed one is neither a result nor in the way."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    storage = f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"
+    args = [*SEARCH, "hydra.sweeper.study_name=killed", "sweep.heartbeat=1", f"tracking.uri={db}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([PYTHON, "-m", "freqexp", *args, "trainer.max_epochs=200", "hydra.sweeper.n_trials=1"], cwd=tmp_path,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait until the trial trains: it has reported an epoch
+            time.sleep(1)
+            try:
+                trials = optuna.load_study(study_name="killed", storage=storage).trials
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+            if trials and trials[0].intermediate_values:
+                break
+        else:
+            pytest.fail("the trial never started")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert optuna.load_study(study_name="killed", storage=storage).trials[0].state.name == "RUNNING"
+    assert set(read_runs(db)["status"]) == {"RUNNING"}
+    time.sleep(3)  # past the grace period (2 heartbeats)
+    r = cli([*args, "trainer.max_epochs=1", "hydra.sweeper.n_trials=1"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = [t.state.name for t in optuna.load_study(study_name="killed", storage=storage).trials]
+    assert states == ["FAIL", "COMPLETE"]
+    assert "left RUNNING by a worker that stopped sending heartbeats are now FAIL" in r.stdout + r.stderr
+    runs = read_runs(db).sort_values("start_time")
+    assert list(runs["status"]) == ["KILLED", "FINISHED"]
+    assert "is gone" in runs["tags.killed_reason"].iloc[0]
+    assert "were left RUNNING by a process that is gone; now KILLED" in r.stderr
+
+
+def test_the_orphan_command_marks_only_runs_whose_process_is_gone(tmp_path):
+    from freqexp.orphans import HOST_TAG, PID_TAG, main, where_tags
+
+    uri = f"sqlite:///{tmp_path / 'o.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = client.create_run(exp, run_name="dead", tags={HOST_TAG: where_tags()[HOST_TAG], PID_TAG: str(gone.pid)})
+    alive = client.create_run(exp, run_name="alive", tags=where_tags())
+    other = client.create_run(exp, run_name="elsewhere", tags={HOST_TAG: "another-host", PID_TAG: str(gone.pid)})
+    assert main([f"tracking.uri={uri}"]) == 0
+    status = {r: client.get_run(r.info.run_id).info.status for r in (dead, alive, other)}
+    assert [status[dead], status[alive], status[other]] == ["KILLED", "RUNNING", "RUNNING"]
+    assert "is gone" in client.get_run(dead.info.run_id).data.tags["killed_reason"]
+    assert main([f"tracking.uri=sqlite:///{tmp_path / 'nope.db'}"]) == 2 and not (tmp_path / "nope.db").exists()
