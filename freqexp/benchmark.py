@@ -347,7 +347,7 @@ def relative_link(target: Path, readme: Optional[Path]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from freqexp.report import ReportError, load_runs
+    from freqexp.report import runs_for_table
 
     ap = argparse.ArgumentParser(prog="python -m freqexp.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,14 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not readme.exists():
             raise SystemExit(f"freqexp.benchmark: error: --readme {readme}: no such file")
         replace_section(readme.read_text(), "", str(readme))
-    try:
-        df = load_runs(args.uri, args.experiment, None, [])
-    except ReportError as e:
-        print(f"freqexp.benchmark: error: {e}", file=sys.stderr)
-        return 1
-    if df.empty:
-        print(f"freqexp.benchmark: no finished runs in experiment {args.experiment!r} at {args.uri}", file=sys.stderr)
-        return 1
+    df, rc = runs_for_table("freqexp.benchmark", args.uri, args.experiment)
+    if df is None:
+        return rc
     try:
         b = build(df, args.metric)
     except BenchmarkError as e:

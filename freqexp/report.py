@@ -134,6 +134,21 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
     return df
 
 
+def runs_for_table(prog: str, uri: str, experiment: str):
+    """The finished runs of one experiment, for a program that writes a table from them:
+    (runs, None), or (None, exit code) after one line on stderr (2: a bad store or experiment,
+    1: no finished run)."""
+    try:
+        df = load_runs(uri, experiment, None, [])
+    except ReportError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None, 2
+    if df.empty:
+        print(f"{prog}: no finished runs in experiment {experiment!r} at {uri}", file=sys.stderr)
+        return None, 1
+    return df, None
+
+
 def swept_keys(df: pd.DataFrame) -> List[str]:
     keys = []
     for col in df.columns:

@@ -99,7 +99,7 @@ def replace_section(text: str, body: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from freqexp.report import ReportError, load_runs
+    from freqexp.report import runs_for_table
 
     ap = argparse.ArgumentParser(prog="python -m freqexp.zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uri", default="sqlite:///outputs/zoo.db", help="MLflow tracking URI (default: %(default)s)")
@@ -107,14 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--readme", default=None, help="write the table into this file between the zoo markers")
     ap.add_argument("--command", default="make zoo", help="the command printed under the table (default: %(default)s)")
     args = ap.parse_args(argv)
-    try:
-        df = load_runs(args.uri, args.experiment, None, [])
-    except ReportError as e:
-        print(f"freqexp.zoo: error: {e}", file=sys.stderr)
-        return 2
-    if df.empty:
-        print(f"freqexp.zoo: no finished runs in experiment {args.experiment!r} at {args.uri}", file=sys.stderr)
-        return 1
+    df, rc = runs_for_table("freqexp.zoo", args.uri, args.experiment)
+    if df is None:
+        return rc
     body = to_markdown(zoo_table(df), args.command)
     print(body)
     if args.readme:

@@ -129,7 +129,7 @@ def test_cli_writes_between_the_markers_and_refuses_a_readme_without_them(store,
     with pytest.raises(SystemExit, match="benchmark:start"):
         benchmark.main(["--uri", store, "--readme", str(bare), "--diagram", str(tmp_path / "other.png")])
     assert bare.read_text() == "no markers\n" and not (tmp_path / "other.png").exists()
-    assert benchmark.main(["--uri", store, "--experiment", "model_zoo", "--diagram", "none"]) == 1
+    assert benchmark.main(["--uri", store, "--experiment", "model_zoo", "--diagram", "none"]) == 2  # no such experiment
 
 
 def test_preset_composes_every_class_seeds_and_both_protocols():
