@@ -71,14 +71,15 @@ def _setting(cfg: Any, key: str, default: Any, low: int) -> int:
 
 
 def build(pruner_cfg: Any, max_epochs: int):
-    """The Optuna pruner named by `sweep.pruner`, or None for none. Steps are epochs (0-based,
-    as optuna-integration's Lightning callback reports them)."""
+    """The Optuna pruner named by `sweep.pruner` (none: Optuna's NopPruner, as Optuna would
+    otherwise put a MedianPruner on a study created without one). Steps are epochs (0-based, as
+    optuna-integration's Lightning callback reports them)."""
     import optuna
 
     name = name_of(pruner_cfg)
     cfg = pruner_cfg if hasattr(pruner_cfg, "get") else {}
     if name == "none":
-        return None
+        return optuna.pruners.NopPruner()
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=_setting(cfg, "n_startup_trials", 5, 0),
                                            n_warmup_steps=_setting(cfg, "n_warmup_steps", 1, 0))

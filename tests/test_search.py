@@ -73,7 +73,9 @@ def test_each_pruner_is_optunas_own_with_its_settings(name, kind):
         assert (p._min_resource, p._max_resource, p._reduction_factor) == (2, 27, 4)  # auto: trainer.max_epochs
     if name == "threshold":
         assert (p._lower, p._n_warmup_steps) == (0.7, 3)
-    assert pruning.build({"name": "none"}, 5) is None
+    # none is Optuna's NopPruner: a study made without a pruner would get a MedianPruner
+    assert isinstance(pruning.build({"name": "none"}, 5), optuna.pruners.NopPruner)
+    assert isinstance(pruning.build(None, 5), optuna.pruners.NopPruner)
 
 
 def test_pruning_uses_optunas_lightning_callback_on_the_sweep_objective():
