@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def search(work: Path, name: str, preset: str, args, extra) -> dict:
+    import warnings
+
     import mlflow
     import optuna
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the sweeper's stored (Log)UniformDistribution
 
     store = f"sqlite:///{work / (name + '.db')}"
     storage = f"sqlite:///{work / 'optuna.db'}"
