@@ -119,10 +119,8 @@ class FreqexpOptunaSweeperImpl(OptunaSweeperImpl):
 
         cfg = self.config
         sweep_opts = cfg.get("sweep") or {}
-        problem = pruning.check(cfg, optuna_sweep=True)
-        if problem:
-            fail(problem)
         try:
+            pruning.check(cfg, optuna_sweep=True)
             workers, gpus, per_device = plan_workers(cfg)
         except ConfigError as e:
             fail(str(e))

@@ -218,13 +218,9 @@ class ParallelLauncher(Launcher):
                     results[i] = pool.run_here(idx, overrides)
                 else:
                     pool.submit(idx, overrides, key=i)
-                    for key, result in pool.finished():
-                        results[key] = result
+                    results.update(pool.finished())
             while pool.inflight:
-                for key, result in pool.finished(block=True):
-                    results[key] = result
-            for key, result in pool.finished():
-                results[key] = result
+                results.update(pool.finished(block=True))
         finally:
             pool.close()
         returns = []

@@ -29,9 +29,6 @@ class Pruned:
     epoch: int            # epochs trained when it was stopped (1-based)
     value: Optional[float]  # the last reported objective
 
-    def __float__(self):  # never mistaken for a result by code that wants a number
-        raise TypeError("a pruned trial has no objective value")
-
 
 def attach(trial: Any) -> None:
     """Set (or clear, with None) the trial of the job about to run in this process. A tuple
@@ -97,30 +94,26 @@ def build(pruner_cfg: Any, max_epochs: int):
     return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction)
 
 
-def check(config: Any, optuna_sweep: bool) -> Optional[str]:
-    """One-line problems with `sweep.pruner` (None when fine): an unknown name or setting, a
-    pruner without an Optuna search, with several objectives, or watching a metric that is not
-    reported every epoch."""
+def check(config: Any, optuna_sweep: bool) -> None:
+    """Raise a ConfigError on `sweep.pruner` for an unknown name or setting, a pruner without an
+    Optuna search, with several objectives, or watching a metric that is not reported every
+    epoch."""
     from freqexp.validate import objectives
 
-    sweep = config.get("sweep") or {}
-    pruner_cfg = sweep.get("pruner")
-    try:
-        name = name_of(pruner_cfg)
-        build(pruner_cfg, int(config.trainer.max_epochs))
-    except ConfigError as e:
-        return str(e)
+    pruner_cfg = (config.get("sweep") or {}).get("pruner")
+    build(pruner_cfg, int(config.trainer.max_epochs))  # names and settings
+    name = name_of(pruner_cfg)
     if name == "none":
-        return None
+        return
     if not optuna_sweep:
-        return (f"sweep.pruner.name: {name} prunes the trials of an Optuna search; use it with +sweep=optuna or "
-                "+sweep=optuna_pruned (or set sweep.pruner.name=none)")
+        raise ConfigError("sweep.pruner.name", f"{name} prunes the trials of an Optuna search; use it with +sweep=optuna or "
+                                               "+sweep=optuna_pruned (or set sweep.pruner.name=none)")
     keys = objectives(config)
     if len(keys) > 1:
-        return f"sweep.pruner.name: Optuna cannot prune a multi-objective search ({', '.join(keys)}); set sweep.pruner.name=none"
+        raise ConfigError("sweep.pruner.name", f"Optuna cannot prune a multi-objective search ({', '.join(keys)}); set sweep.pruner.name=none")
     if keys[0] not in PER_EPOCH_OBJECTIVES:
-        return f"sweep.pruner.name: the objective {keys[0]} is measured once at the end; a pruner watches {' or '.join(PER_EPOCH_OBJECTIVES)}"
-    return None
+        raise ConfigError("sweep.pruner.name", f"the objective {keys[0]} is measured once at the end; a pruner watches "
+                                               f"{' or '.join(PER_EPOCH_OBJECTIVES)}")
 
 
 def reports_every_epoch(config: Any) -> bool:

@@ -415,9 +415,10 @@ def task(cfg: DictConfig):
         sweep_dir = Path(hc.sweep.dir)
         tags.update({"sweep_id": f"{sweep_dir.parent.name}/{sweep_dir.name}", "sweep_dir": str(sweep_dir.resolve()), "job_num": str(hc.job.num)})
     if not multirun:
-        problem = pruning.check(cfg, optuna_sweep=False)
-        if problem:
-            print(f"freqexp: error: {problem}", file=sys.stderr)
+        try:
+            pruning.check(cfg, optuna_sweep=False)
+        except FreqexpError as e:
+            print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
     try:
         try:

@@ -103,9 +103,7 @@ class SweepSummary(Callback):
         try:  # a bad objective, pruner or worker count would fail every job: say it once, before any starts
             objectives(config)
             plan_workers(config)
-            problem = pruning.check(config, optuna_sweep=is_freqexp_optuna(config))
-            if problem:
-                raise ConfigError(*problem.split(": ", 1))
+            pruning.check(config, optuna_sweep=is_freqexp_optuna(config))
         except ConfigError as e:
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)

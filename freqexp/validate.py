@@ -78,8 +78,7 @@ def resolve_hardware(hw) -> Hardware:
             index = None  # a sweep's device slot means nothing on the CPU
         elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < torch.cuda.device_count():
             raise ConfigError("hardware.device_index", f"must be a visible GPU, 0 to {torch.cuda.device_count() - 1}, or null; got {index!r}")
-    device = torch.device("cuda", index) if accelerator == "gpu" and index is not None else torch.device("cuda" if accelerator == "gpu" else "cpu")
-    return Hardware(accelerator, precision, device)
+    return Hardware(accelerator, precision, torch.device("cuda", index) if accelerator == "gpu" else torch.device("cpu"))
 
 
 # What a sweep may optimize: validation and speed metrics. Test metrics are reported, never optimized.

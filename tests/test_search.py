@@ -140,6 +140,18 @@ def test_two_workers_on_one_sqlite_study_finish_every_trial_once_and_overlap(tmp
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # two trials were in flight at once
 
 
+def test_a_grid_on_two_workers_runs_every_job_once_through_the_default_launcher(tmp_path):
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.log_images=false",
+             "model=ae,cae,cvae", "sweep.workers=2", f"tracking.uri={db}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 jobs in flight at once" in r.stdout + r.stderr and "3 finished, 0 failed" in r.stdout
+    runs = read_runs(db)
+    assert sorted(runs["params.model.name"]) == ["ae", "cae", "cvae"] and set(runs["status"]) == {"FINISHED"}
+    statuses = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multiruns/*/*/*/job_status.json")]
+    assert sorted(s["run_id"] for s in statuses) == sorted(runs["run_id"])  # each job in its own dir, once
+
+
 # ---------------------------------------------------------------- devices
 
 
