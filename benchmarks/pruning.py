@@ -33,7 +33,7 @@ def search(work: Path, name: str, preset: str, args, extra) -> dict:
     storage = f"sqlite:///{work / 'optuna.db'}"
     cmd = [sys.executable, "-m", "freqexp", "-m", f"+sweep={preset}", "dataset=fashion_mnist", "dataset.normal_class=0",
            f"dataset.limit_train={args.limit_train}", f"trainer.max_epochs={args.epochs}", "trainer.progress_bar=false",
-           "tracking.log_images=false", f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.study_name={name}",
+           "tracking.figures=none", f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.study_name={name}",
            f"hydra.sweeper.storage={storage}", f"hydra.sweeper.sampler.seed={args.seed}", f"tracking.uri={store}",
            f"hydra.sweep.dir={work / name}", *extra]
     t0 = time.perf_counter()
@@ -61,10 +61,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--limit-train", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed (the same for both searches)")
+    ap.add_argument("--keep", type=Path, help="keep the searches' stores (MLflow, Optuna) in this folder")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="freqexp-pruning-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.keep is None else args.keep.resolve()
+        work.mkdir(parents=True, exist_ok=True)
         plain = search(work, "unpruned", "optuna", args, args.overrides)
         pruned = search(work, "pruned", "optuna_pruned", args, args.overrides)
     print(f"Optuna TPE (seed {args.seed}), {args.trials} trials x up to {args.epochs} epochs, Fashion-MNIST class 0, "

@@ -68,7 +68,7 @@ PUBLISHED_ROWS = (
 
 # run params that are not a choice of method (besides report.NOT_SWEPT and the class key)
 NOT_METHOD = {"seed", "model.name", "model.n_params", "trainer.restore_best", "trainer.early_stopping.enabled",
-              "trainer.progress_bar", "tracking.log_images"}
+              "trainer.progress_bar", "tracking.figures"}
 NOT_METHOD_PREFIX = ("data.", "resolved.", "choice.", "tracking.", "hardware.", "sweep.")
 UNUSED_BY_FIT = ("trainer.", "optim.", "loss.")  # options a one-pass fit never reads
 

@@ -144,18 +144,20 @@ def check(argv: Sequence[str]) -> Optional[str]:
         return None
     fixed = [line for line in group_lines if line.split("=")[0].lstrip("+").split("@")[0] not in swept]
     choices = [[f"{g}={v}" for v in vs] for g, vs in swept.items()]  # none swept: one composition
-    try:
-        known = set()
-        for combo in itertools.islice(itertools.product(*choices), 64):
+
+    def unknown(known: set) -> list:
+        return [o for o in key_overrides if not (o.is_force_add() or o.key_or_group in known or o.key_or_group.startswith(OPEN_PREFIXES)
+                                                 or (o.key_or_group.startswith("model.") and o.is_add()))]
+
+    try:  # one composition (the first job's) settles most commands; the other jobs' only when a key is missing there
+        combos = itertools.islice(itertools.product(*choices), 64)
+        known = compose_keys(fixed + list(next(combos)))
+        for combo in combos if unknown(known) else ():
             known |= compose_keys(fixed + list(combo))
     except Exception:
         return None  # a composition problem: Hydra reports it
-    for o in key_overrides:
-        key = o.key_or_group
-        if o.is_force_add() or key in known or key.startswith(OPEN_PREFIXES):
-            continue
-        if key.startswith("model.") and o.is_add():
-            continue  # the model names its own options in one line (from_config)
+    for o in unknown(known):
+        key = o.key_or_group  # (+model.* is left to the model, which names its own options in one line)
         hint = did_you_mean(key, sorted(k for k in known if not k.startswith("hydra.")))
         if o.is_add():
             return f"{key}: no component reads it (+{key}=... would change nothing but the logged params){hint}"

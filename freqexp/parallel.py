@@ -91,10 +91,54 @@ def with_device(overrides: Sequence[str], device: Optional[int]) -> List[str]:
     return out + ([f"hardware.device_index={device}"] if device is not None else [])
 
 
+class ComposedConfigs:
+    """A sweep's config loader that composes each job's config once. Hydra's basic sweeper
+    composes every job's config to check the batch before launching any (validate_batch_is_legal);
+    the launcher then composed each again to run it. Wrapped around the sweep's loader, the
+    first composition is kept (up to LIMIT configs) and `take` hands it to the launcher; a job
+    whose overrides changed since (a GPU job gains hardware.device_index) is composed anew. A
+    worker process receives the plain loader (pickling drops what is kept)."""
+
+    LIMIT = 512
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.kept: Dict[tuple, tuple] = {}
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]):
+        composed = self.loader.load_sweep_config(master_config, sweep_overrides)
+        if len(self.kept) < self.LIMIT:
+            self.kept[tuple(sweep_overrides)] = (master_config, composed)
+        return composed
+
+    def take(self, master_config: DictConfig, sweep_overrides: Sequence[str]):
+        """The config composed for these overrides (removed from what is kept), or None."""
+        master, composed = self.kept.pop(tuple(sweep_overrides), (None, None))
+        return composed if master is master_config else None
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __reduce__(self):
+        return _plain_loader, (self.loader,)
+
+
+def _plain_loader(loader):
+    return loader
+
+
+def compose_job(hydra_context, config: DictConfig, overrides: Sequence[str]):
+    """A job's config: the one composed when the batch was checked, else composed now."""
+    loader = hydra_context.config_loader
+    composed = loader.take(config, overrides) if isinstance(loader, ComposedConfigs) else None
+    return composed if composed is not None else loader.load_sweep_config(config, list(overrides))
+
+
 def execute_job(idx: int, overrides: Sequence[str], hydra_context, config: DictConfig, task_function: Callable,
-                singleton_state: Optional[Dict[Any, Any]] = None, trial: Any = None):
+                singleton_state: Optional[Dict[Any, Any]] = None, trial: Any = None, composed: Optional[DictConfig] = None):
     """One job, as Hydra's launchers run one (in a worker process: with the parent's singleton
-    state), with the Optuna trial it belongs to attached for pruning."""
+    state), with the Optuna trial it belongs to attached for pruning. `composed`: the job's
+    config when the parent has it already."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import configure_log, run_job, setup_globals
@@ -104,7 +148,7 @@ def execute_job(idx: int, overrides: Sequence[str], hydra_context, config: DictC
     setup_globals()
     if singleton_state is not None:
         Singleton.set_state(singleton_state)
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    sweep_config = composed if composed is not None else compose_job(hydra_context, config, overrides)
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
@@ -149,8 +193,10 @@ class JobPool:
         while len(self.inflight) >= self.workers:
             self._wait_one()
         device = self.slots.acquire()
+        loader = self.hydra_context.config_loader
+        composed = loader.take(self.config, overrides) if isinstance(loader, ComposedConfigs) and device is None else None
         future = self.executor.submit(execute_job, idx, with_device(overrides, device), self.hydra_context, self.config,
-                                      self.task_function, Singleton.get_state(), trial)
+                                      self.task_function, Singleton.get_state(), trial, composed)
         self.inflight[future] = (key, device)
 
     def _wait_one(self) -> None:
@@ -200,6 +246,8 @@ class ParallelLauncher(Launcher):
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        if not isinstance(hydra_context.config_loader, ComposedConfigs):  # shared with the sweeper, which checks batches with it
+            hydra_context.config_loader = ComposedConfigs(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from hydra.core.utils import configure_log

@@ -1,9 +1,10 @@
 """Pruning for Optuna searches: Optuna's own pruners, fed each validated epoch's objective.
 
 The freqexp Optuna sweeper (freqexp/optuna_sweeper.py) asks the study for a trial and runs its
-job; the job finds that trial here (`current()`), reports `val/auroc` (the sweep objective) after
-every validation epoch through optuna-integration's Lightning pruning callback, and stops when
-the pruner says so. The job then ends its MLflow run KILLED with tags `pruned=true` and
+job; the job finds that trial here (`current()`), reports the sweep objective (`val/auroc`; with
+trainer.restore_best its value at the best epoch so far, the weights the run would be evaluated
+with) after every validation epoch through optuna-integration's Lightning pruning callback, at
+step = epochs trained, and stops when the pruner says so. The job then ends its MLflow run KILLED with tags `pruned=true` and
 `pruned_epoch`, and returns a `Pruned` result, which the sweeper tells the study as PRUNED.
 
     sweep.pruner.name: none | median | successive_halving | hyperband | threshold   (and their settings)
@@ -69,8 +70,8 @@ def _setting(cfg: Any, key: str, default: Any, low: int) -> int:
 
 def build(pruner_cfg: Any, max_epochs: int):
     """The Optuna pruner named by `sweep.pruner` (none: Optuna's NopPruner, as Optuna would
-    otherwise put a MedianPruner on a study created without one). Steps are epochs (0-based, as
-    optuna-integration's Lightning callback reports them)."""
+    otherwise put a MedianPruner on a study created without one). Steps are epochs trained
+    (1-based; see `callback`): min_resource=1 puts the first rung after epoch 1."""
     import optuna
 
     name = name_of(pruner_cfg)
@@ -124,12 +125,59 @@ def reports_every_epoch(config: Any) -> bool:
     return len(keys) == 1 and keys[0] in PER_EPOCH_OBJECTIVES
 
 
-def callback(trial: Any, monitor: str):
-    """optuna-integration's Lightning pruning callback: reports `monitor` after each validation
-    epoch and raises optuna.TrialPruned when the pruner says so."""
+OBJECTIVE_SO_FAR = "sweep/objective_so_far"  # what a trial reports: see ObjectiveSoFar
+
+
+def objective_so_far(monitor: str, best: Any = None):
+    """A Lightning callback putting OBJECTIVE_SO_FAR in the trainer's callback metrics after each
+    validation: the objective the trial would end with if training stopped now. With
+    trainer.restore_best (`best`, the BestWeights callback, which must run first) the run is
+    evaluated with the weights of its best val/auroc epoch, so that is the objective at that
+    epoch, not at the last one: a trial that peaked at epoch 1 is judged by its peak."""
+    import lightning.pytorch as L
+    import torch
+
+    class ObjectiveSoFar(L.Callback):
+        def __init__(self):
+            self.value = None
+
+        def on_validation_end(self, trainer, pl_module):
+            current = trainer.callback_metrics.get(monitor)
+            if trainer.sanity_checking or current is None:
+                return
+            if best is None or best.best_epoch == trainer.current_epoch or self.value is None:
+                self.value = float(current)
+            trainer.callback_metrics[OBJECTIVE_SO_FAR] = torch.tensor(self.value)
+
+    return ObjectiveSoFar()
+
+
+class _EpochsTrained:
+    """A LightningModule seen with current_epoch = epochs trained (1-based)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    @property
+    def current_epoch(self) -> int:
+        return self._module.current_epoch + 1
+
+
+def callback(trial: Any):
+    """optuna-integration's Lightning pruning callback, reporting OBJECTIVE_SO_FAR after each
+    validation epoch at step = epochs trained (1, 2, ...: a pruner's min_resource=1 or
+    n_warmup_steps=1 then means "after the first epoch"), and raising optuna.TrialPruned when
+    the pruner says so."""
     from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
 
-    return PyTorchLightningPruningCallback(trial, monitor=monitor)
+    class EpochPruning(PyTorchLightningPruningCallback):
+        def on_validation_end(self, trainer, pl_module):
+            super().on_validation_end(trainer, _EpochsTrained(pl_module))
+
+    return EpochPruning(trial, monitor=OBJECTIVE_SO_FAR)
 
 
 def is_pruned(e: BaseException) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from freqexp import pruning
+from freqexp import figures, pruning
 from freqexp.errors import FreqexpError
 from freqexp.sweep import STATUS_FILE
 from freqexp.validate import Plan, make_plan, objectives
@@ -242,7 +242,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
             callbacks.append(best)
         trial = pruning.current()
         if trial is not None and pruning.reports_every_epoch(cfg):  # an Optuna trial: report each epoch, stop if pruned
-            callbacks.append(pruning.callback(trial, monitor=objectives(cfg)[0]))
+            callbacks += [pruning.objective_so_far(objectives(cfg)[0], best), pruning.callback(trial)]
         trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
         train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
         val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
@@ -269,8 +269,10 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
 
         torch.save(module.model.state_dict(), output_dir / "model.pt")  # for analyses of this run
         artifacts = [output_dir / "config.yaml", output_dir / "metrics.json", output_dir / "model.pt"]
-        if cfg.tracking.log_images:
-            artifacts += write_figures(module, data, scored, metrics, output_dir)
+        figures_mode = figures.mode(cfg)  # all: draw now; best: save what to draw (figures.npz), drawn if among a sweep's best
+        if figures_mode != "none":
+            fd = figures.figure_data(module, data, scored, metrics)
+            artifacts += figures.draw(fd, output_dir) if figures_mode == "all" else [figures.save(fd, output_dir / figures.NPZ)]
         tracker.log_artifacts(artifacts)
         tracker.set_tags({"status": "finished"})
         tracker.end("FINISHED")
@@ -318,32 +320,6 @@ def restore_sigterm(previous) -> None:
 
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-
-
-def write_figures(module, data, scored, metrics, output_dir: Path) -> list[Path]:
-    import torch
-
-    from freqexp import plots
-    from freqexp.training import to_unit_float
-
-    test = scored["test"]
-    labels = data.test.labels.cpu()
-    pick = torch.cat([torch.nonzero(labels == 0).flatten()[:8], torch.nonzero(labels == 1).flatten()[:8]])
-    x = to_unit_float(data.test.images[pick.to(data.test.images.device)].to(module.device))
-    with torch.no_grad():
-        x_in, _ = module.model_io(x, train=False)
-        recon = module.model.reconstruct(x_in)
-        maps = module.anomaly_map(x)
-    paths = [
-        plots.reconstruction_grid(x, recon, maps, labels[pick], test.scores[pick], output_dir / "reconstructions.png"),
-        plots.roc_plot(test.scores, test.labels, metrics["test/auroc"], output_dir / "roc.png"),
-        plots.pr_plot(test.scores, test.labels, metrics["test/ap"], output_dir / "pr.png"),
-        plots.score_histogram(test.scores, test.labels, metrics["val/threshold"], output_dir / "score_hist.png"),
-    ]
-    if data.test.masks is not None and test.maps is not None:  # evaluate keeps the test maps where masks exist
-        paths.append(plots.anomaly_overlays(data.test.images, test.maps, data.test.masks, labels, test.scores,
-                                            output_dir / "anomaly_overlays.png"))
-    return paths
 
 
 def one_line(e: BaseException) -> str:

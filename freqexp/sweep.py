@@ -140,5 +140,15 @@ class SweepSummary(Callback):
             write_sweep_report(config, jobs, sweep_dir)
         except Exception as e:  # the jobs' own runs are already safe; say so and go on
             log.warning("could not write the sweep's leaderboard: %s", e)
+        try:  # tracking.figures=best (a sweep's default): the best runs' figures, drawn now from their figures.npz
+            from freqexp import figures
+
+            drawn = figures.draw_best(config, jobs)
+            saved = sum(j["status"] == "finished" and (Path(j["job_dir"]) / figures.NPZ).exists() for j in jobs)
+            if drawn:
+                print(f"figures: drawn for the best {len(drawn)} of {saved} run(s); any other: "
+                      f"python -m freqexp.figures {Path(jobs[0]['job_dir']).parent}/<job>", flush=True)
+        except Exception as e:
+            log.warning("could not draw the best runs' figures: %s", e)
         if all(j["status"] == "failed" for j in jobs):  # (pruned jobs are the search working, not failures)
             sys.exit(1)

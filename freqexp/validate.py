@@ -150,7 +150,10 @@ def make_plan(cfg) -> Plan:
     resolve_uri(cfg.tracking.uri)
     if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment", f"must be a non-empty name; got {cfg.tracking.experiment!r}")
-    _bool("tracking.log_images", cfg.tracking.log_images)
+    from freqexp import figures
+
+    figures.mode(cfg)  # the name only: auto is resolved when the run knows whether it is a sweep's job
+    figures.best_count(cfg)
     objectives(cfg)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
     from freqexp.data.cache import check_cache_options

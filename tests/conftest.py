@@ -19,7 +19,7 @@ needs_fmnist = pytest.mark.skipif(
     reason="Fashion-MNIST not installed (make data)",
 )
 # Quick settings for runs inside tests.
-FAST = ["trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.log_images=true"]
+FAST = ["trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.figures=all"]
 
 
 def compose_cfg(overrides=()):

@@ -58,7 +58,7 @@ def test_cutpaste_spectrum_and_filter_effect(tmp_path, store):
 def trained_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     store = f"sqlite:///{d / 'm.db'}"
-    cfg = compose_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=2", f"tracking.uri={store}", "tracking.log_images=false"])
+    cfg = compose_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=2", f"tracking.uri={store}", "tracking.figures=none"])
     return store, execute(cfg, d / "run")
 
 

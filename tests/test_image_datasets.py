@@ -275,7 +275,7 @@ def test_folder_masks_match_by_stem_and_line_up(tmp_path):
 
 def test_mvtec_run_end_to_end_logs_pixel_auroc(tmp_path, store):
     make_mvtec(tmp_path / "mvtec", n_train=16, n_good=6, defects={"crack": 6, "hole": 4})
-    cfg = mvtec_cfg(tmp_path / "mvtec", *FAST, f"tracking.uri={store}", "tracking.log_images=false", "model=cae", "loss=mse",
+    cfg = mvtec_cfg(tmp_path / "mvtec", *FAST, f"tracking.uri={store}", "tracking.figures=none", "model=cae", "loss=mse",
                     "dataset.image_size=32", "trainer.batch_size=8")
     result = execute(cfg, tmp_path / "run")
     m = result.metrics
@@ -290,7 +290,7 @@ def test_mvtec_run_end_to_end_logs_pixel_auroc(tmp_path, store):
 
 def test_folder_run_end_to_end(tmp_path, store):
     make_folders(tmp_path, n_normal=24, n_abnormal=8)
-    cfg = folder_cfg(tmp_path, *FAST, f"tracking.uri={store}", "tracking.log_images=false", "model=cae", "loss=mse",
+    cfg = folder_cfg(tmp_path, *FAST, f"tracking.uri={store}", "tracking.figures=none", "model=cae", "loss=mse",
                      "trainer.batch_size=8")
     m = execute(cfg, tmp_path / "run").metrics
     assert 0.0 <= m["test/auroc"] <= 1.0 and "test/pixel_auroc" not in m  # no mask_dir, no pixel metric

@@ -77,7 +77,7 @@ def test_model_runs_end_to_end_into_mlflow(name, tmp_path):
     from freqexp.run import execute
     from tests.conftest import read_runs
 
-    cfg = compose_cfg(overrides_for(name, tmp_path) + ["tracking.log_images=true"])
+    cfg = compose_cfg(overrides_for(name, tmp_path) + ["tracking.figures=all"])
     result = execute(cfg, tmp_path / "run")
     for key in ("val/auroc", "test/auroc", "test/ap", "train/throughput", "test/throughput"):
         assert torch.isfinite(torch.tensor(result.metrics[key])), f"{name}: {key}={result.metrics[key]}"

@@ -275,6 +275,10 @@ def test_colour_range_is_the_percentiles_of_all_test_pixels():
 
 @pytest.mark.parametrize("channels,h,w", [(3, 20, 57), (1, 33, 14)])
 def test_overlay_figure_panels(channels, h, w):
+    """Each figure row is one mosaic image; every cell is recomputed here from its definition:
+    the input as shown, inferno over [vmin, vmax], the map blended over the input with opacity
+    0.15 + 0.7 * scaled map, and the red ground-truth fill exactly on the mask."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
     g = torch.Generator().manual_seed(channels)
@@ -286,27 +290,48 @@ def test_overlay_figure_panels(channels, h, w):
     maps = torch.rand(n, 1, h, w, generator=g) + masks
     idx = plots.overlay_indices(labels, n_normal=2, n_anomalous=3)
     assert idx.tolist() == [0, 2, 1, 4, 8]
-    fig = plots.overlay_figure(images, maps, masks, labels, torch.rand(n), idx, 0.2, 1.5)
+    vmin, vmax = 0.2, 1.5
+    rows = plots.overlay_panels(images, maps, masks, idx, vmin, vmax)
+    gap = plots.cell_gap(w)
+    assert rows["input"].shape == (h, len(idx) * (w + gap) - gap, 3)
+    inferno = matplotlib.colormaps["inferno"]
+    for col, i in enumerate(idx.tolist()):
+        cell = {name: rows[name][:, col * (w + gap): col * (w + gap) + w] for name in rows}
+        img = images[i].permute(1, 2, 0).double().numpy() / 255
+        img = np.repeat(img, 3, axis=2) if channels == 1 else img
+        np.testing.assert_allclose(cell["input"], img, atol=1e-12)
+        scaled = (maps[i, 0].double().numpy() - vmin) / (vmax - vmin)
+        colour = inferno(scaled)[..., :3]  # one colour scale for every cell
+        np.testing.assert_allclose(cell["anomaly map"], colour, atol=1e-12)
+        alpha = (0.15 + 0.7 * np.clip(scaled, 0, 1))[..., None]
+        np.testing.assert_allclose(cell["overlay"], alpha * colour + (1 - alpha) * img, atol=1e-6)  # maps are float32
+        mask = masks[i, 0].numpy()
+        filled = 0.55 * np.array([1.0, 0.1, 0.1]) + 0.45 * img
+        np.testing.assert_allclose(cell["ground truth"], np.where(mask[..., None], filled, img), atol=1e-12)
+        np.testing.assert_array_equal(cell["mask"] > 0.5, mask)
+        if col:  # the white gap before this cell is no defect
+            np.testing.assert_array_equal(rows["input"][:, col * (w + gap) - gap: col * (w + gap)], 1.0)
+            assert not rows["mask"][:, col * (w + gap) - gap: col * (w + gap)].any()
+    fig = plots.overlay_figure(images, maps, masks, labels, torch.rand(n), idx, vmin, vmax)
     try:
-        grid = np.array(fig.axes[: 4 * 6]).reshape(4, 6)  # 4 panel rows x (5 images + colour bar column)
-        assert [ax.get_ylabel() for ax in grid[:, 0]] == list(plots.OVERLAY_ROWS)
-        for col, i in enumerate(idx.tolist()):
-            assert grid[0, col].get_title().startswith(f"#{i} " + ("anom" if labels[i] else "norm"))
-            shown = grid[0, col].get_images()[0].get_array()
-            assert shown.shape == ((h, w, 3) if channels == 3 else (h, w))
-            map_panel = grid[1, col].get_images()[0]
-            np.testing.assert_allclose(map_panel.get_array(), maps[i, 0].numpy())
-            assert map_panel.get_clim() == (0.2, 1.5)  # one colour scale for every panel
-            assert all(im.get_clim() == (0.2, 1.5) for im in grid[2, col].get_images()[1:])
-            # ground truth: a red fill exactly on the mask, and an outline only where there is a defect
-            gt_images = grid[3, col].get_images()
-            if labels[i]:
-                np.testing.assert_array_equal(gt_images[1].get_array()[..., 3] > 0, masks[i, 0].numpy())
-                assert len(grid[3, col].collections) == 1 and len(grid[2, col].collections) == 1
-            else:
-                assert len(gt_images) == 1 and not grid[3, col].collections
-        bar = grid[1, len(idx) - 1].get_images()[0].colorbar  # one colour bar, in the narrow last column
-        assert bar is not None and bar.ax is grid[1, -1] and (bar.norm.vmin, bar.norm.vmax) == (0.2, 1.5)
+        axes, side = fig.axes[0:8:2], fig.axes[1:8:2]  # 4 rows x (mosaic, narrow colour-bar column)
+        assert [ax.get_ylabel() for ax in axes] == list(plots.OVERLAY_ROWS)
+        titles = [t.get_text() for t in axes[0].get_xticklabels()]
+        assert [t.split("\n")[0] for t in titles] == [f"#{i} " + ("anom" if labels[i] else "norm") for i in idx.tolist()]
+        for ax, name in zip(axes, plots.OVERLAY_ROWS):
+            np.testing.assert_array_equal(ax.get_images()[0].get_array(), rows[name])
+        # ground-truth outlines on the overlay and ground-truth rows only
+        assert [len(ax.collections) for ax in axes] == [0, 0, 1, 1]
+        # one colour bar, beside the map row, spanning the figure's colour range; the other side cells empty
+        assert side[1].get_ylim() == pytest.approx((vmin, vmax)) and side[1].collections
+        assert not any(ax.axison for ax in (side[0], side[2], side[3]))
+    finally:
+        plt.close(fig)
+    # numbers shown in the titles can differ from the indices (a figure drawn later from the picked images only)
+    fig = plots.overlay_figure(images[idx], maps[idx], masks[idx], labels[idx], torch.rand(len(idx)), torch.arange(len(idx)),
+                               vmin, vmax, numbers=idx.tolist())
+    try:
+        assert [t.get_text().split(" ")[0] for t in fig.axes[0].get_xticklabels()] == [f"#{i}" for i in idx.tolist()]
     finally:
         plt.close(fig)
 

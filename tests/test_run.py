@@ -81,7 +81,7 @@ def test_run_names_say_what_ran_and_the_dataset_is_an_input(tmp_path, store):
 
 
 def test_lr_is_logged_for_the_epoch_it_trained(tmp_path, store):
-    result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "optim.lr=0.002", "tracking.log_images=false")
+    result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "optim.lr=0.002", "tracking.figures=none")
     lrs = {m.step: m.value for m in MlflowClient(store).get_metric_history(result.run_id, "train/lr")}
     assert lrs[1] == pytest.approx(0.002)  # cosine: the first epoch trains at the full lr
     assert lrs[2] < lrs[1]
@@ -178,7 +178,8 @@ def test_multirun_isolates_a_failing_job(tmp_path):
     db = tmp_path / "sweep.db"
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
-             "model.name=cae,tests.nan_model:NaNCAE,cvae", f"tracking.uri=sqlite:///{db}"], cwd=tmp_path, env_extra=env)
+             "model.name=cae,tests.nan_model:NaNCAE,cvae", "tracking.figures_best=1", f"tracking.uri=sqlite:///{db}"],
+            cwd=tmp_path, env_extra=env)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = read_runs(f"sqlite:///{db}")
     by_name = {row["tags.mlflow.runName"]: row for _, row in runs.iterrows()}
@@ -194,6 +195,21 @@ def test_multirun_isolates_a_failing_job(tmp_path):
     assert "2 finished, 1 failed" in out and "FAILED  dataset=synthetic,model.name=tests.nan_model" in out
     summary = json.loads(next(tmp_path.glob("outputs/multiruns/*/*/sweep_summary.json")).read_text())
     assert sorted(j["status"] for j in summary) == ["failed", "finished", "finished"]
+    # figures (tracking.figures=auto is best in a sweep, figures_best=1): every finished run saved
+    # figures.npz, the best by val/auroc got its figures drawn and logged, the other draws on demand
+    finished = sorted((j for j in summary if j["status"] == "finished"), key=lambda j: -j["objective"])
+    client = MlflowClient(f"sqlite:///{db}")
+    pngs = {"reconstructions.png", "roc.png", "pr.png", "score_hist.png", "anomaly_overlays.png"}
+    best, other = (tmp_path / j["job_dir"] for j in finished)
+    assert (best / "figures.npz").exists() and (other / "figures.npz").exists()
+    assert pngs <= {p.name for p in best.iterdir()} and not pngs & {p.name for p in other.iterdir()}
+    assert pngs | {"figures.npz"} <= {a.path for a in client.list_artifacts(finished[0]["run_id"])}
+    assert not pngs & {a.path for a in client.list_artifacts(finished[1]["run_id"])}
+    assert "figures: drawn for the best 1 of 2 run(s)" in out
+    from freqexp.figures import main as figures_main
+
+    assert figures_main([str(other)]) == 0  # its store from the run's own config.yaml
+    assert pngs <= {a.path for a in client.list_artifacts(finished[1]["run_id"])}
 
 
 def test_sweep_with_an_invalid_job_runs_the_rest(tmp_path):
@@ -276,7 +292,7 @@ def test_optuna_preset_runs_trials_and_resumes_its_study(tmp_path):
     import optuna
 
     args = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false",
-            "hydra.sweeper.n_trials=2", "tracking.log_images=false", f"tracking.uri=sqlite:///{tmp_path / 'o.db'}"]
+            "hydra.sweeper.n_trials=2", "tracking.figures=none", f"tracking.uri=sqlite:///{tmp_path / 'o.db'}"]
     for expected in (2, 4):  # the second invocation continues the same study
         r = cli(args, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -317,7 +333,7 @@ def test_parallel_jobs_with_the_joblib_launcher_share_one_store(tmp_path):
 def test_resume_skips_finished_configs_and_summary_run_holds_the_leaderboard(tmp_path):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     args = ["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "model=cae,ae",
-            "tracking.log_images=false", f"tracking.uri={db}"]
+            "tracking.figures=none", f"tracking.uri={db}"]
     first = cli(args + ["sweep.summary_run=true"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     runs = read_runs(db)

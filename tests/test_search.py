@@ -19,7 +19,7 @@ from freqexp.errors import ConfigError
 from freqexp.parallel import DeviceSlots, plan_workers, with_device
 from tests.conftest import PYTHON, cli, read_runs
 
-SEARCH = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.progress_bar=false", "tracking.log_images=false",
+SEARCH = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.progress_bar=false", "tracking.figures=none",
           "hydra.sweeper.sampler.seed=0"]
 
 
@@ -34,13 +34,13 @@ def test_a_pruned_trial_stops_early_is_pruned_in_the_study_and_tagged_in_mlflow(
     """threshold pruner with a floor no AUROC reaches: every trial stops after its warm-up epoch."""
     db = f"sqlite:///{tmp_path / 'p.db'}"
     r = cli([*SEARCH, "trainer.max_epochs=4", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=pruned",
-             "sweep.pruner.name=threshold", "sweep.pruner.lower=1.01", "sweep.pruner.n_warmup_steps=1", f"tracking.uri={db}"],
+             "sweep.pruner.name=threshold", "sweep.pruner.lower=1.01", "sweep.pruner.n_warmup_steps=2", f"tracking.uri={db}"],
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     study = study_of(tmp_path, "pruned")
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
-    for t in study.trials:  # reported after epochs 1 and 2 (steps 0, 1), stopped at the first step past the warm-up
-        assert sorted(t.intermediate_values) == [0, 1]
+    for t in study.trials:  # reported after epochs 1 and 2 (steps = epochs trained), stopped once the warm-up is over
+        assert sorted(t.intermediate_values) == [1, 2]
     runs = read_runs(db)
     assert list(runs["status"]) == ["KILLED", "KILLED"]
     assert set(runs["tags.pruned"]) == {"true"} and set(runs["tags.pruned_epoch"]) == {"2"}
@@ -48,7 +48,9 @@ def test_a_pruned_trial_stops_early_is_pruned_in_the_study_and_tagged_in_mlflow(
     for run_id, t in zip(runs.sort_values("start_time")["run_id"], study.trials):
         curve = {m.step: m.value for m in client.get_metric_history(run_id, "val_epoch/auroc")}
         assert sorted(curve) == [1, 2]  # 2 of 4 epochs trained
-        assert curve[2] == pytest.approx(t.intermediate_values[1])  # the value Optuna saw is the one MLflow holds
+        # what Optuna saw: the objective the run would end with, i.e. (restore_best) its best epoch so far
+        assert t.intermediate_values[1] == pytest.approx(curve[1])
+        assert t.intermediate_values[2] == pytest.approx(max(curve[1], curve[2]))
         assert "test/auroc" not in client.get_run(run_id).data.metrics  # a pruned run is not evaluated on test
     assert "2 pruned" in r.stdout + r.stderr and "pruned  after epoch 2" in r.stdout
     # the leaderboard leaves pruned runs out by default, and shows them on request
@@ -56,6 +58,50 @@ def test_a_pruned_trial_stops_early_is_pruned_in_the_study_and_tagged_in_mlflow(
 
     assert report_main(["--uri", db, "--out", str(tmp_path / "rep")]) == 1
     assert report_main(["--uri", db, "--out", str(tmp_path / "rep"), "--include-pruned"]) == 0
+
+
+def test_a_trial_reports_the_objective_it_would_end_with_at_step_epochs_trained():
+    """With restore_best the run is evaluated at its best val/auroc epoch, so a trial that peaked
+    early is judged by that peak (not the later, worse epoch); without, by the epoch just done.
+    Steps are epochs trained, so min_resource=1 is a rung after the first epoch."""
+    import torch
+
+    from freqexp.training import BestWeights
+
+    class Trial:  # what the callback calls on an Optuna trial
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((step, round(value, 6)))
+
+        def should_prune(self):
+            return False
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 2)
+            self.current_epoch = 0
+
+    class Trainer:
+        sanity_checking = False
+        is_global_zero = True
+        callback_metrics: dict = {}
+
+    epochs = [(0.70, 0.50), (0.90, 0.40), (0.80, 0.60), (0.95, 0.30)]  # (val/auroc, val/ap) per epoch
+    for restore_best, expected_auroc, expected_ap in [(True, [0.7, 0.9, 0.9, 0.95], [0.5, 0.4, 0.4, 0.3]),
+                                                      (False, [0.7, 0.9, 0.8, 0.95], [0.5, 0.4, 0.6, 0.3])]:
+        for monitor, expected in (("val/auroc", expected_auroc), ("val/ap", expected_ap)):
+            trial, module, trainer = Trial(), Module(), Trainer()
+            best = BestWeights() if restore_best else None
+            chain = ([best] if best else []) + [pruning.objective_so_far(monitor, best), pruning.callback(trial)]
+            for epoch, (auroc, ap) in enumerate(epochs):
+                module.current_epoch = trainer.current_epoch = epoch
+                trainer.callback_metrics = {"val/auroc": torch.tensor(auroc), "val/ap": torch.tensor(ap)}
+                for cb in chain:
+                    cb.on_validation_end(trainer, module)
+            assert trial.reports == [(e + 1, v) for e, v in enumerate(expected)], (restore_best, monitor)
 
 
 @pytest.mark.parametrize("name, kind", [("median", optuna.pruners.MedianPruner), ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
@@ -131,7 +177,7 @@ def test_two_workers_on_one_sqlite_study_finish_every_trial_once_and_overlap(tmp
     study = study_of(tmp_path, "async")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert sorted(t.number for t in study.trials) == [0, 1, 2]  # none lost, none twice
-    assert all(sorted(t.intermediate_values) == [0, 1] for t in study.trials)  # each epoch reported from the worker process
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)  # each epoch reported from the worker process
     runs = read_runs(db)
     assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(runs["metrics.val/auroc"]))
@@ -142,7 +188,7 @@ def test_two_workers_on_one_sqlite_study_finish_every_trial_once_and_overlap(tmp
 
 def test_a_grid_on_two_workers_runs_every_job_once_through_the_default_launcher(tmp_path):
     db = f"sqlite:///{tmp_path / 'g.db'}"
-    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.log_images=false",
+    r = cli(["--multirun", "dataset=synthetic", "trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.figures=none",
              "model=ae,cae,cvae", "sweep.workers=2", f"tracking.uri={db}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 jobs in flight at once" in r.stdout + r.stderr and "3 finished, 0 failed" in r.stdout
@@ -242,3 +288,45 @@ def test_the_orphan_command_marks_only_runs_whose_process_is_gone(tmp_path):
     assert [status[dead], status[alive], status[other]] == ["KILLED", "RUNNING", "RUNNING"]
     assert "is gone" in client.get_run(dead.info.run_id).data.tags["killed_reason"]
     assert main([f"tracking.uri=sqlite:///{tmp_path / 'nope.db'}"]) == 2 and not (tmp_path / "nope.db").exists()
+
+
+def test_a_job_config_composed_to_check_the_batch_is_the_one_the_job_runs_with():
+    """Hydra's basic sweeper composes every job's config before launching; the launcher reuses
+    that composition instead of composing again (once per job, not twice)."""
+    import pickle
+
+    from freqexp.parallel import ComposedConfigs, compose_job
+
+    class Loader:
+        def __init__(self):
+            self.calls = 0
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.calls += 1
+            return OmegaConf.create({"overrides": list(sweep_overrides), "n": self.calls})
+
+    class Context:
+        def __init__(self, loader):
+            self.config_loader = loader
+
+    master, other_master = OmegaConf.create({}), OmegaConf.create({})
+    loader = Loader()
+    context = Context(ComposedConfigs(loader))
+    checked = [context.config_loader.load_sweep_config(master, [f"model={m}"]) for m in ("ae", "cae")]  # the sweeper's check
+    assert loader.calls == 2
+    assert compose_job(context, master, ["model=cae"]) is checked[1] and compose_job(context, master, ["model=ae"]) is checked[0]
+    assert loader.calls == 2  # both jobs ran on the checked compositions
+    assert compose_job(context, master, ["model=ae"]).n == 3  # taken once: a second run of the same overrides composes anew
+    context.config_loader.load_sweep_config(master, ["model=vae"])
+    assert compose_job(context, other_master, ["model=vae"]).n == 5  # another sweep's config is never reused
+    assert compose_job(Context(loader), master, ["x=1"]).n == 6  # a plain loader (a worker process) composes
+    context.config_loader.load_sweep_config(master, ["model=vae"])
+    rebuild, args = context.config_loader.__reduce__()  # what pickling sends a worker: the plain loader, not the kept configs
+    assert rebuild(*args) is loader and pickle.loads(pickle.dumps(ComposedConfigs([1]))) == [1]
+    ComposedConfigs.LIMIT, limit = 1, ComposedConfigs.LIMIT
+    try:
+        small = ComposedConfigs(Loader())
+        small.load_sweep_config(master, ["a=1"]), small.load_sweep_config(master, ["a=2"])
+        assert list(small.kept) == [("a=1",)]  # at most LIMIT kept
+    finally:
+        ComposedConfigs.LIMIT = limit

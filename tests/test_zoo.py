@@ -83,7 +83,7 @@ def test_make_zoo_runs_every_model_and_writes_the_table(tmp_path):
     readme.write_text(f"{zoo.START}\n{zoo.END}\n")
     store = f"sqlite:///{tmp_path / 'zoo.db'}"
     tiny = ["dataset.limit_train=64", "dataset.limit_test=100", "dataset.val_fraction=0.01", "trainer.max_epochs=1",
-            "trainer.batch_size=32", "trainer.eval_batch_size=100", "tracking.log_images=false", f"'hydra.sweep.dir={tmp_path}/m/$${{now:%H-%M-%S-%f}}'"]
+            "trainer.batch_size=32", "trainer.eval_batch_size=100", "tracking.figures=none", f"'hydra.sweep.dir={tmp_path}/m/$${{now:%H-%M-%S-%f}}'"]
     r = subprocess.run(["make", "-s", "-C", str(REPO), "zoo", f"ZOO_STORE={store}", f"ZOO_README={readme}", "ARGS=" + " ".join(tiny),
                         "ZOO_BANK_ARGS=++model.backbone.arch=resnet18"],  # a ResNet-18 keeps the banks quick
                        capture_output=True, text=True, timeout=900)

@@ -1,0 +1,264 @@
+"""A run's figures: the data they are drawn from (`figure_data`, saved as figures.npz beside the
+run's outputs) and the drawing (`draw`). `tracking.figures` says when they are drawn:
+
+    all    every run draws them when it ends (a single run's default)
+    best   every run saves figures.npz (a few KB at 28 px); when a sweep ends, its best
+           `tracking.figures_best` runs by the sweep objective get their figures drawn and
+           logged; any other run's on demand (below). A sweep's default: drawing is most of a
+           small job's fixed cost.
+    none   no figures and no figures.npz
+    auto   all in a single run, best in a --multirun (the default)
+
+    python -m freqexp.figures RUN_DIR|RUN_ID ... [--uri sqlite:///outputs/mlflow.db]
+
+draws the figures of runs that saved figures.npz, into the run directory (or, given a run id,
+from the run's logged figures.npz) and logs them to the runs' MLflow artifacts."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from freqexp.errors import ConfigError
+
+MODES = ("auto", "all", "best", "none")
+NPZ = "figures.npz"
+GRID_PER_CLASS = 8  # reconstruction grid: the first 8 normal and the first 8 anomalous test images
+
+
+def mode(cfg, multirun: Optional[bool] = None) -> str:
+    """The resolved `tracking.figures` (all, best or none); auto by where the run is: a job of a
+    --multirun (told, or read from Hydra) or a single run."""
+    value = cfg.tracking.get("figures", "auto")
+    if value not in MODES:
+        from freqexp.overrides import did_you_mean
+
+        raise ConfigError("tracking.figures", f"no option {value!r}{did_you_mean(str(value), MODES)}; options: {', '.join(MODES)}")
+    if value != "auto":
+        return value
+    return "best" if (in_multirun() if multirun is None else multirun) else "all"
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def best_count(cfg) -> int:
+    k = cfg.tracking.get("figures_best", 3)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError("tracking.figures_best", f"must be an integer >= 0 (runs of a sweep that get figures); got {k!r}")
+    return k
+
+
+def _unit_uint8(x) -> np.ndarray:
+    """Images as shown ([0,1], clipped) in 8 bits: what a figure can show of them, at a quarter of the size."""
+    import torch
+
+    x = torch.as_tensor(x).detach().cpu()
+    if x.dtype == torch.uint8:
+        return x.numpy()
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _maps(x) -> np.ndarray:
+    import torch
+
+    arr = torch.as_tensor(x).detach().float().cpu().numpy()
+    fits16 = np.isfinite(arr).all() and float(np.abs(arr).max(initial=0.0)) < 6e4
+    return arr.astype(np.float16) if fits16 else arr
+
+
+def figure_data(module, data, scored, metrics) -> Dict[str, np.ndarray]:
+    """Everything the run's figures show, as numpy arrays: the test scores and labels (curves,
+    histogram), the reconstruction grid's images, reconstructions and error maps, and, where the
+    test split has pixel masks, the overlay figure's picked images, maps and masks with the
+    colour range of all test maps."""
+    import torch
+
+    from freqexp import plots
+    from freqexp.training import to_unit_float
+
+    test = scored["test"]
+    labels = data.test.labels.cpu()
+    pick = torch.cat([torch.nonzero(labels == 0).flatten()[:GRID_PER_CLASS], torch.nonzero(labels == 1).flatten()[:GRID_PER_CLASS]])
+    x = to_unit_float(data.test.images[pick.to(data.test.images.device)].to(module.device))
+    with torch.no_grad():
+        x_in, _ = module.model_io(x, train=False)
+        recon = module.model.reconstruct(x_in)
+        maps = module.anomaly_map(x)
+    out = {"scores": test.scores.detach().float().cpu().numpy(), "labels": test.labels.detach().cpu().numpy().astype(np.int8),
+           "metrics": np.array([metrics["test/auroc"], metrics["test/ap"], metrics["val/threshold"]], dtype=np.float64),
+           "grid_inputs": _unit_uint8(x), "grid_recons": _unit_uint8(recon), "grid_maps": _maps(maps),
+           "grid_labels": labels[pick].numpy().astype(np.int8), "grid_scores": test.scores[pick].detach().float().cpu().numpy()}
+    if data.test.masks is not None and test.maps is not None:  # evaluate keeps the test maps where masks exist
+        idx = plots.overlay_indices(labels)
+        vmin, vmax = plots.map_colour_range(test.maps)
+        out.update({"overlay_indices": idx.numpy(), "overlay_range": np.array([vmin, vmax], dtype=np.float64),
+                    "overlay_images": _unit_uint8(data.test.images[idx.to(data.test.images.device)]),
+                    "overlay_maps": _maps(test.maps[idx.to(test.maps.device)]),
+                    "overlay_masks": data.test.masks[idx.to(data.test.masks.device)].detach().cpu().bool().numpy(),
+                    "overlay_labels": labels[idx].numpy().astype(np.int8),
+                    "overlay_scores": test.scores[idx].detach().float().cpu().numpy()})
+    return out
+
+
+def save(fd: Dict[str, np.ndarray], path: Path) -> Path:
+    np.savez_compressed(path, **fd)
+    return path
+
+
+def load(path: Path) -> Dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
+    """The figures of one run from its figure data, written into output_dir: reconstructions.png,
+    roc.png, pr.png, score_hist.png and (with masks) anomaly_overlays.png."""
+    import torch
+
+    from freqexp import plots
+
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items()}
+    scores, labels = t["scores"], t["labels"].long()
+    auroc, ap, threshold = (float(v) for v in fd["metrics"])
+    paths = [
+        plots.reconstruction_grid(t["grid_inputs"], t["grid_recons"], t["grid_maps"].float(), t["grid_labels"].long(),
+                                  t["grid_scores"], output_dir / "reconstructions.png"),
+        plots.roc_plot(scores, labels, auroc, output_dir / "roc.png"),
+        plots.pr_plot(scores, labels, ap, output_dir / "pr.png"),
+        plots.score_histogram(scores, labels, threshold, output_dir / "score_hist.png"),
+    ]
+    if "overlay_indices" in fd:
+        n = len(fd["overlay_indices"])
+        vmin, vmax = (float(v) for v in fd["overlay_range"])
+        fig = plots.overlay_figure(t["overlay_images"], t["overlay_maps"].float(), t["overlay_masks"], t["overlay_labels"].long(),
+                                   t["overlay_scores"], torch.arange(n), vmin, vmax, numbers=fd["overlay_indices"].tolist(),
+                                   range_note=": 1st to 99.5th percentile of all test pixels")
+        paths.append(plots.save_figure(fig, output_dir / "anomaly_overlays.png"))
+    return paths
+
+
+def _descending(config) -> bool:
+    direction = (config.get("hydra", {}).get("sweeper", {}) or {}).get("direction", "maximize")
+    direction = direction[0] if not isinstance(direction, str) and direction else direction
+    return str(direction) != "minimize"
+
+
+def draw_best(config, jobs: Sequence[dict]) -> List[str]:
+    """At the end of a sweep whose runs saved figures.npz: draw and log the figures of the best
+    `tracking.figures_best` finished runs by the sweep objective. Returns their job dirs."""
+    if mode(config, multirun=True) != "best":
+        return []
+    k = best_count(config)
+
+    def first(j):
+        v = j.get("objective")
+        v = v[0] if isinstance(v, list) else v
+        return float(v) if v is not None else None
+
+    ranked = [j for j in jobs if j["status"] == "finished" and j.get("run_id") and first(j) is not None
+              and (Path(j["job_dir"]) / NPZ).exists()]
+    ranked.sort(key=first, reverse=_descending(config))
+    from freqexp.tracking import Tracker
+
+    client = None
+    drawn = []
+    for j in ranked[:k]:
+        paths = draw(load(Path(j["job_dir"]) / NPZ), Path(j["job_dir"]))
+        if client is None:
+            client = Tracker(config.tracking.uri, config.tracking.experiment).client
+        for p in paths:
+            client.log_artifact(j["run_id"], str(p))
+        drawn.append(j["job_dir"])
+    return drawn
+
+
+def _status_run_id(run_dir: Path) -> Optional[str]:
+    status = run_dir / "job_status.json"
+    if status.exists():
+        return json.loads(status.read_text()).get("run_id")
+    return None
+
+
+DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+
+
+def _run_dir_uri(run_dir: Path) -> str:
+    """The tracking.uri a run directory's config.yaml names (a relative sqlite path is relative
+    to where the command runs, as for the run itself), else the default store."""
+    config = run_dir / "config.yaml"
+    if config.exists():
+        from omegaconf import OmegaConf
+
+        uri = OmegaConf.load(config).get("tracking", {}).get("uri")
+        if isinstance(uri, str):
+            return uri
+    return DEFAULT_URI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m freqexp.figures", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR|RUN_ID", help="a run's directory (holding figures.npz) or its MLflow run id")
+    ap.add_argument("--uri", help="the MLflow store the runs are logged in (default: a run directory's own tracking.uri, "
+                                  "else sqlite:///outputs/mlflow.db)")
+    args = ap.parse_args(argv)
+    from mlflow.tracking import MlflowClient
+
+    from freqexp.tracking import resolve_uri
+
+    clients: Dict[str, MlflowClient] = {}
+
+    def client_for(uri: str) -> MlflowClient:
+        uri = resolve_uri(uri)
+        if uri not in clients:
+            clients[uri] = MlflowClient(tracking_uri=uri)
+        return clients[uri]
+
+    for target in args.runs:
+        run_dir = Path(target)
+        try:
+            if run_dir.is_dir():
+                if not (run_dir / NPZ).exists():
+                    print(f"freqexp.figures: error: {run_dir} holds no {NPZ} (a run with tracking.figures=all has its figures already; "
+                          f"with none it saved nothing to draw)", file=sys.stderr)
+                    return 2
+                run_id, paths = _status_run_id(run_dir), draw(load(run_dir / NPZ), run_dir)
+                uri = args.uri or _run_dir_uri(run_dir)
+            else:
+                uri = args.uri or DEFAULT_URI
+                client = client_for(uri)
+                run_id = target
+                run_dir = Path(tempfile.mkdtemp(prefix="freqexp-figures-"))
+                try:
+                    local = client.download_artifacts(run_id, NPZ, str(run_dir))
+                except Exception as e:
+                    print(f"freqexp.figures: error: {target} is neither a run directory nor a run with {NPZ} in {uri} "
+                          f"({type(e).__name__})", file=sys.stderr)
+                    return 2
+                paths = draw(load(Path(local)), run_dir)
+            if run_id:
+                client = client_for(uri)
+                for p in paths:
+                    client.log_artifact(run_id, str(p))
+            print(f"{target}: {', '.join(p.name for p in paths)} in {run_dir}" + (f", logged to run {run_id}" if run_id else ""))
+        except ConfigError as e:
+            print(f"freqexp.figures: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
