@@ -4,7 +4,7 @@ training cap, once without pruning and once with the `optuna_pruned` preset's pr
 (successive halving), in one script run. Prints total epochs trained, wall time, the best
 val/auroc found and that trial's test/auroc, and the ratios.
 
-    .venv/bin/python benchmarks/pruning.py [--trials 16] [--epochs 9] [--limit-train 1000] [ARGS...]
+    .venv/bin/python benchmarks/pruning.py [--trials 32] [--epochs 27] [--limit-train 1000] [--keep DIR] [ARGS...]
 
 Extra ARGS are overrides for both searches (e.g. sweep.pruner.name=hyperband, model=ae).
 Goal: at least 3x fewer epochs for a best val/auroc within 0.005 of the unpruned search."""
@@ -57,8 +57,8 @@ def search(work: Path, name: str, preset: str, args, extra) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=9)
+    ap.add_argument("--trials", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=27)
     ap.add_argument("--limit-train", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed (the same for both searches)")
     ap.add_argument("--keep", type=Path, help="keep the searches' stores (MLflow, Optuna) in this folder")

@@ -217,12 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
-    from freqexp.tracking import resolve_uri
+    from freqexp.report import ReportError, existing_store
 
     clients: Dict[str, MlflowClient] = {}
 
     def client_for(uri: str) -> MlflowClient:
-        uri = resolve_uri(uri)
+        uri = existing_store(uri)  # never creates an empty store (a typo in the path)
         if uri not in clients:
             clients[uri] = MlflowClient(tracking_uri=uri)
         return clients[uri]
@@ -254,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for p in paths:
                     client.log_artifact(run_id, str(p))
             print(f"{target}: {', '.join(p.name for p in paths)} in {run_dir}" + (f", logged to run {run_id}" if run_id else ""))
-        except ConfigError as e:
+        except (ConfigError, ReportError) as e:
             print(f"freqexp.figures: error: {e}", file=sys.stderr)
             return 2
     return 0

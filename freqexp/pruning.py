@@ -170,11 +170,19 @@ def callback(trial: Any):
     """optuna-integration's Lightning pruning callback, reporting OBJECTIVE_SO_FAR after each
     validation epoch at step = epochs trained (1, 2, ...: a pruner's min_resource=1 or
     n_warmup_steps=1 then means "after the first epoch"), and raising optuna.TrialPruned when
-    the pruner says so."""
+    the pruner says so, except after the last epoch."""
     from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
 
     class EpochPruning(PyTorchLightningPruningCallback):
         def on_validation_end(self, trainer, pl_module):
+            last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= pl_module.current_epoch + 1
+            if last and not trainer.sanity_checking:
+                # reported, never pruned: the trial has done all its training, and a rung at the
+                # last epoch (successive halving's 9 of 9) would throw a finished result away
+                score = trainer.callback_metrics.get(self.monitor)
+                if score is not None:
+                    self._trial.report(float(score), step=pl_module.current_epoch + 1)
+                return
             super().on_validation_end(trainer, _EpochsTrained(pl_module))
 
     return EpochPruning(trial, monitor=OBJECTIVE_SO_FAR)

@@ -52,11 +52,10 @@ def existing_store(uri: str) -> str:
     """The store to read, which must exist: a report never creates an empty store (a typo in the
     path would otherwise read nothing and leave a new database behind)."""
     from freqexp.errors import ConfigError
-    from freqexp.tracking import check_reachable
+    from freqexp.tracking import check_reachable, sqlite_path
 
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        path = Path(uri[len("sqlite:///"):]).expanduser()
-        path = path if path.is_absolute() else Path.cwd() / path
+    path = sqlite_path(uri)
+    if path is not None:
         if not path.is_file():
             raise ReportError(f"tracking.uri: no MLflow store at {path}; runs write to the tracking.uri they were given "
                               "(default sqlite:///outputs/mlflow.db, relative to where they ran)")

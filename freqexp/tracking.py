@@ -26,15 +26,23 @@ def quiet_store_migrations() -> None:
 quiet_store_migrations()
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a sqlite:/// URI as an absolute path (a relative one is relative to
+    the current directory, ~ expanded); None for an in-memory database or another kind of URI."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    path = Path(uri[len("sqlite:///"):]).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
+
+
 def resolve_uri(uri: str) -> str:
     """Make a relative sqlite path absolute (relative to the current directory) and create its
     folder; other URIs pass through. The file store is refused: it raises in mlflow 3."""
     if not isinstance(uri, str) or not uri:
         raise ConfigError("tracking.uri", "must be a URI such as sqlite:///outputs/mlflow.db or http://host:5000")
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        if path != ":memory:":
-            p = Path(path) if path.startswith("/") else Path.cwd() / path
+        p = sqlite_path(uri)
+        if p is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
             return "sqlite:///" + str(p)
         return uri
@@ -122,9 +130,8 @@ def mlflow_executable() -> str:
 
 
 def _absolute_sqlite(uri: str) -> str:
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:" and not uri[len("sqlite:///"):].startswith("/"):
-        return "sqlite:///" + str(Path.cwd() / uri[len("sqlite:///"):])
-    return uri
+    path = sqlite_path(uri)
+    return uri if path is None else "sqlite:///" + str(path)
 
 
 def ui_command(uri: str, port: int = UI_PORT) -> str:

@@ -45,6 +45,12 @@ worker w1 & P1=$!
 worker w2 & P2=$!
 wait $P1 || { tail -30 "$WORK/w1.log"; exit 1; }
 wait $P2 || { tail -30 "$WORK/w2.log"; exit 1; }
+# pruning on the same stores: a floor no AUROC reaches stops the trial after its first epoch
+mkdir -p "$WORK/w3"
+(cd "$WORK/w3" && "$PY" -m freqexp --multirun +sweep=optuna_pruned dataset=synthetic trainer.max_epochs=3 \
+  trainer.progress_bar=false hydra.sweeper.n_trials=1 hydra.sweeper.study_name=ci_pruned "hydra.sweeper.storage=$DB" \
+  sweep.pruner.name=threshold sweep.pruner.lower=1.01 sweep.pruner.n_warmup_steps=1 \
+  "tracking.uri=http://127.0.0.1:$PORT_ML" tracking.experiment=ci_pruned >"$WORK/w3.log" 2>&1) || { tail -30 "$WORK/w3.log"; exit 1; }
 
 "$PY" - "$DB" "http://127.0.0.1:$PORT_ML" <<'PYEOF'
 import sys, mlflow, optuna
@@ -61,6 +67,13 @@ checks = {
     "artifacts stored through the server": all(
         any(a.path == "metrics.json" for a in mlflow.MlflowClient(uri).list_artifacts(r)) for r in runs["run_id"]),
 }
+pruned = optuna.load_study(study_name="ci_pruned", storage=db).trials
+pruned_runs = mlflow.search_runs(experiment_names=["ci_pruned"])
+checks["a pruned trial is PRUNED in PostgreSQL after epoch 1"] = (
+    [t.state.name for t in pruned] == ["PRUNED"] and sorted(pruned[0].intermediate_values) == [1])
+checks["its run is KILLED with tags pruned=true, pruned_epoch=1"] = (
+    len(pruned_runs) == 1 and pruned_runs["status"].iloc[0] == "KILLED"
+    and pruned_runs["tags.pruned"].iloc[0] == "true" and pruned_runs["tags.pruned_epoch"].iloc[0] == "1")
 for name, ok in checks.items():
     print(("PASS " if ok else "FAIL ") + name)
 failed = sum(not ok for ok in checks.values())

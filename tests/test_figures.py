@@ -79,6 +79,10 @@ def test_the_figures_command_refuses_what_it_cannot_draw_in_one_line(tmp_path, c
     assert figures.main([str(tmp_path)]) == 2
     assert "holds no figures.npz" in capsys.readouterr().err
     MlflowClient(store).create_experiment("x")
+    capsys.readouterr()  # (MLflow's own lines while creating the store)
     assert figures.main(["0123456789abcdef", "--uri", store]) == 2
     err = capsys.readouterr().err
     assert "is neither a run directory nor a run with figures.npz" in err and len(err.strip().splitlines()) == 1
+    missing = tmp_path / "typo" / "mlflow.db"
+    assert figures.main(["0123456789abcdef", "--uri", f"sqlite:///{missing}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not missing.parent.exists()  # nothing created

@@ -87,6 +87,7 @@ def test_a_trial_reports_the_objective_it_would_end_with_at_step_epochs_trained(
     class Trainer:
         sanity_checking = False
         is_global_zero = True
+        max_epochs = 10
         callback_metrics: dict = {}
 
     epochs = [(0.70, 0.50), (0.90, 0.40), (0.80, 0.60), (0.95, 0.30)]  # (val/auroc, val/ap) per epoch
@@ -102,6 +103,19 @@ def test_a_trial_reports_the_objective_it_would_end_with_at_step_epochs_trained(
                 for cb in chain:
                     cb.on_validation_end(trainer, module)
             assert trial.reports == [(e + 1, v) for e, v in enumerate(expected)], (restore_best, monitor)
+    # a pruner that always says stop: it stops a trial before its last epoch, never after it
+    trial, module, trainer = Trial(), Module(), Trainer()
+    trial.should_prune = lambda: True
+    trainer.max_epochs, trainer.callback_metrics = 4, {"val/auroc": torch.tensor(0.6)}
+    chain = [pruning.objective_so_far("val/auroc"), pruning.callback(trial)]
+    for epoch, stops in ((2, True), (3, False)):
+        module.current_epoch = trainer.current_epoch = epoch
+        if stops:
+            with pytest.raises(optuna.TrialPruned):
+                [cb.on_validation_end(trainer, module) for cb in chain]
+        else:
+            [cb.on_validation_end(trainer, module) for cb in chain]
+    assert trial.reports == [(3, 0.6), (4, 0.6)]  # both reported; the finished trial is not pruned
 
 
 @pytest.mark.parametrize("name, kind", [("median", optuna.pruners.MedianPruner), ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
@@ -128,8 +142,8 @@ def test_pruning_uses_optunas_lightning_callback_on_the_sweep_objective():
     from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
 
     study = optuna.create_study(direction="maximize")
-    cb = pruning.callback(study.ask(), monitor="val/auroc")
-    assert isinstance(cb, PyTorchLightningPruningCallback) and cb.monitor == "val/auroc"
+    cb = pruning.callback(study.ask())  # watching what objective_so_far puts in the callback metrics
+    assert isinstance(cb, PyTorchLightningPruningCallback) and cb.monitor == pruning.OBJECTIVE_SO_FAR
 
 
 # ---------------------------------------------------------------- bad input, before any job
