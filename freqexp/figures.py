@@ -12,7 +12,8 @@ run's outputs) and the drawing (`draw`). `tracking.figures` says when they are d
     python -m freqexp.figures RUN_DIR|RUN_ID ... [--uri sqlite:///outputs/mlflow.db]
 
 draws the figures of runs that saved figures.npz, into the run directory (or, given a run id,
-from the run's logged figures.npz) and logs them to the runs' MLflow artifacts."""
+from the run's logged figures.npz into outputs/figures/RUN_ID/) and logs them to the runs'
+MLflow artifacts."""
 from __future__ import annotations
 
 import argparse
@@ -72,11 +73,17 @@ def _unit_uint8(x) -> np.ndarray:
 
 
 def _maps(x) -> np.ndarray:
+    """Maps in float16 when that keeps them to within 1/1024 of their range (half the size),
+    else float32 (values beyond float16's range, or a large offset: 1000 + small detail)."""
     import torch
 
     arr = torch.as_tensor(x).detach().float().cpu().numpy()
-    fits16 = np.isfinite(arr).all() and float(np.abs(arr).max(initial=0.0)) < 6e4
-    return arr.astype(np.float16) if fits16 else arr
+    if arr.size == 0 or not np.isfinite(arr).all() or float(np.abs(arr).max()) >= 6e4:
+        return arr
+    half = arr.astype(np.float16)
+    span = float(arr.max() - arr.min())
+    error = float(np.abs(half.astype(np.float32) - arr).max())
+    return half if error <= span / 1024 else arr
 
 
 def figure_data(module, data, scored, metrics) -> Dict[str, np.ndarray]:
@@ -151,14 +158,34 @@ def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
 
 
 def _descending(config) -> bool:
-    direction = (config.get("hydra", {}).get("sweeper", {}) or {}).get("direction", "maximize")
-    direction = direction[0] if not isinstance(direction, str) and direction else direction
-    return str(direction) != "minimize"
+    """Best first: the Optuna sweeper's direction (an enum or a name) when there is one, else by
+    the objective's name (a loss or time: lower is better)."""
+    from freqexp.stats import lower_is_better
+    from freqexp.validate import objectives
+
+    direction = (config.get("hydra", {}).get("sweeper", {}) or {}).get("direction")
+    if direction is not None and not isinstance(direction, str) and _is_sequence(direction):
+        direction = direction[0] if len(direction) else None
+    if direction is not None:
+        return str(getattr(direction, "name", direction)).lower() != "minimize"
+    return not lower_is_better(objectives(config)[0])
+
+
+def _is_sequence(value) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, (list, tuple, ListConfig))
 
 
 def draw_best(config, jobs: Sequence[dict]) -> List[str]:
     """At the end of a sweep whose runs saved figures.npz: draw and log the figures of the best
-    `tracking.figures_best` finished runs by the sweep objective. Returns their job dirs."""
+    `tracking.figures_best` runs by the sweep objective, among the runs it finished and those it
+    skipped because they had finished before (their figures.npz from MLflow; a run that already
+    has its figures is left as it is). A run that cannot be drawn is said in the log and skipped.
+    Returns the job dirs drawn."""
+    import logging
+    import math
+
     if mode(config, multirun=True) != "best":
         return []
     k = best_count(config)
@@ -166,22 +193,34 @@ def draw_best(config, jobs: Sequence[dict]) -> List[str]:
     def first(j):
         v = j.get("objective")
         v = v[0] if isinstance(v, list) else v
-        return float(v) if v is not None else None
+        return float(v) if v is not None and math.isfinite(float(v)) else None
 
-    ranked = [j for j in jobs if j["status"] == "finished" and j.get("run_id") and first(j) is not None
-              and (Path(j["job_dir"]) / NPZ).exists()]
+    ranked = [j for j in jobs if j["status"] in ("finished", "skipped") and j.get("run_id") and first(j) is not None]
     ranked.sort(key=first, reverse=_descending(config))
+    if not ranked or k == 0:
+        return []
     from freqexp.tracking import Tracker
 
-    client = None
+    client = Tracker(config.tracking.uri, config.tracking.experiment).client
     drawn = []
     for j in ranked[:k]:
-        paths = draw(load(Path(j["job_dir"]) / NPZ), Path(j["job_dir"]))
-        if client is None:
-            client = Tracker(config.tracking.uri, config.tracking.experiment).client
-        for p in paths:
-            client.log_artifact(j["run_id"], str(p))
-        drawn.append(j["job_dir"])
+        job_dir = Path(j["job_dir"])
+        try:
+            logged = {a.path for a in client.list_artifacts(j["run_id"])}
+            if "reconstructions.png" in logged:
+                continue  # drawn before (an earlier sweep's best, or tracking.figures=all)
+            if not (job_dir / NPZ).exists():
+                if NPZ not in logged:
+                    continue  # saved nothing to draw (tracking.figures=none)
+                with tempfile.TemporaryDirectory() as tmp:
+                    fd = load(Path(client.download_artifacts(j["run_id"], NPZ, tmp)))
+            else:
+                fd = load(job_dir / NPZ)
+            for p in draw(fd, job_dir):
+                client.log_artifact(j["run_id"], str(p))
+            drawn.append(j["job_dir"])
+        except Exception as e:  # one run's figures never stop the others'
+            logging.getLogger("freqexp").warning("figures of run %s not drawn: %s", j["run_id"], e)
     return drawn
 
 
@@ -196,16 +235,20 @@ DEFAULT_URI = "sqlite:///outputs/mlflow.db"
 
 
 def _run_dir_uri(run_dir: Path) -> str:
-    """The tracking.uri a run directory's config.yaml names (a relative sqlite path is relative
-    to where the command runs, as for the run itself), else the default store."""
-    config = run_dir / "config.yaml"
-    if config.exists():
-        from omegaconf import OmegaConf
+    """The tracking.uri a run directory's config.yaml names, else the default store. A relative
+    sqlite path was relative to where the sweep ran: looked for here, then in the run
+    directory's parents (a job dir lies under that directory's outputs/)."""
+    from omegaconf import OmegaConf
 
-        uri = OmegaConf.load(config).get("tracking", {}).get("uri")
-        if isinstance(uri, str):
-            return uri
-    return DEFAULT_URI
+    config = run_dir / "config.yaml"
+    uri = OmegaConf.load(config).get("tracking", {}).get("uri") if config.exists() else None
+    uri = uri if isinstance(uri, str) else DEFAULT_URI
+    relative = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:" else None
+    if relative and not Path(relative).expanduser().is_absolute():
+        for base in (Path.cwd(), *run_dir.resolve().parents):
+            if (base / relative).is_file():
+                return "sqlite:///" + str(base / relative)
+    return uri
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -227,37 +270,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             clients[uri] = MlflowClient(tracking_uri=uri)
         return clients[uri]
 
+    failed = 0
     for target in args.runs:
         run_dir = Path(target)
         try:
             if run_dir.is_dir():
                 if not (run_dir / NPZ).exists():
-                    print(f"freqexp.figures: error: {run_dir} holds no {NPZ} (a run with tracking.figures=all has its figures already; "
-                          f"with none it saved nothing to draw)", file=sys.stderr)
-                    return 2
+                    raise ReportError(f"{run_dir} holds no {NPZ} (a run with tracking.figures=all has its figures already; "
+                                      "with none it saved nothing to draw)")
                 run_id, paths = _status_run_id(run_dir), draw(load(run_dir / NPZ), run_dir)
                 uri = args.uri or _run_dir_uri(run_dir)
             else:
                 uri = args.uri or DEFAULT_URI
                 client = client_for(uri)
                 run_id = target
-                run_dir = Path(tempfile.mkdtemp(prefix="freqexp-figures-"))
-                try:
-                    local = client.download_artifacts(run_id, NPZ, str(run_dir))
-                except Exception as e:
-                    print(f"freqexp.figures: error: {target} is neither a run directory nor a run with {NPZ} in {uri} "
-                          f"({type(e).__name__})", file=sys.stderr)
-                    return 2
-                paths = draw(load(Path(local)), run_dir)
+                run_dir = Path("outputs") / "figures" / run_id
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        local = client.download_artifacts(run_id, NPZ, tmp)
+                    except Exception as e:
+                        raise ReportError(f"{target} is neither a run directory nor a run with {NPZ} in {uri} ({type(e).__name__})")
+                    fd = load(Path(local))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                paths = draw(fd, run_dir)
             if run_id:
                 client = client_for(uri)
                 for p in paths:
                     client.log_artifact(run_id, str(p))
             print(f"{target}: {', '.join(p.name for p in paths)} in {run_dir}" + (f", logged to run {run_id}" if run_id else ""))
-        except (ConfigError, ReportError) as e:
-            print(f"freqexp.figures: error: {e}", file=sys.stderr)
-            return 2
-    return 0
+        except Exception as e:  # one line per run that cannot be drawn; the others still are
+            text = str(e) if isinstance(e, (ConfigError, ReportError)) else f"{target}: {type(e).__name__}: {' '.join(str(e).split())}"
+            print(f"freqexp.figures: error: {text}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

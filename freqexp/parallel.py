@@ -128,10 +128,20 @@ def _plain_loader(loader):
 
 
 def compose_job(hydra_context, config: DictConfig, overrides: Sequence[str]):
-    """A job's config: the one composed when the batch was checked, else composed now."""
+    """A job's config composed now, by the plain loader: never kept (only the sweeper's batch
+    check fills ComposedConfigs, and each kept config runs one job)."""
+    loader = hydra_context.config_loader
+    loader = loader.loader if isinstance(loader, ComposedConfigs) else loader
+    return loader.load_sweep_config(config, list(overrides))
+
+
+def checked_config(hydra_context, config: DictConfig, overrides: Sequence[str], device: Optional[int]):
+    """The config composed for this job when its batch was checked (taken: it runs this job
+    only), or None: nothing kept, or a GPU job, whose overrides gain hardware.device_index and
+    which is composed anew (its checked copy is dropped all the same)."""
     loader = hydra_context.config_loader
     composed = loader.take(config, overrides) if isinstance(loader, ComposedConfigs) else None
-    return composed if composed is not None else loader.load_sweep_config(config, list(overrides))
+    return composed if device is None else None
 
 
 def execute_job(idx: int, overrides: Sequence[str], hydra_context, config: DictConfig, task_function: Callable,
@@ -183,7 +193,8 @@ class JobPool:
     def run_here(self, idx: int, overrides: Sequence[str], trial: Any = None):
         device = self.slots.acquire()
         try:
-            return execute_job(idx, with_device(overrides, device), self.hydra_context, self.config, self.task_function, None, trial)
+            return execute_job(idx, with_device(overrides, device), self.hydra_context, self.config, self.task_function, None, trial,
+                               checked_config(self.hydra_context, self.config, overrides, device))
         finally:
             self.slots.release(device)
 
@@ -193,8 +204,7 @@ class JobPool:
         while len(self.inflight) >= self.workers:
             self._wait_one()
         device = self.slots.acquire()
-        loader = self.hydra_context.config_loader
-        composed = loader.take(self.config, overrides) if isinstance(loader, ComposedConfigs) and device is None else None
+        composed = checked_config(self.hydra_context, self.config, overrides, device)
         future = self.executor.submit(execute_job, idx, with_device(overrides, device), self.hydra_context, self.config,
                                       self.task_function, Singleton.get_state(), trial, composed)
         self.inflight[future] = (key, device)

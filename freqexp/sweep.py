@@ -49,8 +49,10 @@ def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
 
 def ensure_sqlite_parent(uri) -> None:
     """sqlite cannot create the folder of its database file; do it (Optuna's study storage)."""
-    if isinstance(uri, str) and uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+    from freqexp.tracking import sqlite_path
+
+    path = sqlite_path(uri) if isinstance(uri, str) else None
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 

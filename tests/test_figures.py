@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,59 @@ def test_the_figures_command_refuses_what_it_cannot_draw_in_one_line(tmp_path, c
     missing = tmp_path / "typo" / "mlflow.db"
     assert figures.main(["0123456789abcdef", "--uri", f"sqlite:///{missing}"]) == 2
     assert "no MLflow store at" in capsys.readouterr().err and not missing.parent.exists()  # nothing created
+
+
+def test_maps_keep_their_detail_in_half_precision_or_stay_single():
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(4, 1, 8, 8, generator=g) * 0.3
+    offset = 1000 + 4 * torch.rand(4, 1, 8, 8, generator=g)  # float16 steps are 0.5 near 1000: 9 levels of 4
+    assert figures._maps(small).dtype == np.float16
+    np.testing.assert_allclose(figures._maps(small), small.numpy(), atol=0.3 / 1024)
+    assert figures._maps(offset).dtype == np.float32 and figures._maps(torch.full((2, 1, 4, 4), 7e4)).dtype == np.float32
+
+
+def _fake_figure_data(n=4, h=6, w=6):
+    g = np.random.default_rng(0)
+    return {"scores": g.random(10).astype(np.float32), "labels": np.array([0] * 5 + [1] * 5, dtype=np.int8),
+            "metrics": np.array([0.8, 0.9, 0.5]), "grid_inputs": g.integers(0, 256, (n, 1, h, w), dtype=np.uint8),
+            "grid_recons": g.integers(0, 256, (n, 1, h, w), dtype=np.uint8), "grid_maps": g.random((n, 1, h, w)).astype(np.float16),
+            "grid_labels": np.array([0, 0, 1, 1], dtype=np.int8), "grid_scores": g.random(n).astype(np.float32)}
+
+
+@pytest.mark.parametrize("direction, objective, best_first", [
+    (None, "val/auroc", True), (None, "sys/peak_memory_mb", False), ("minimize", "val/auroc", False), (["maximize"], "val/ap", True)])
+def test_a_sweep_draws_its_best_runs_including_those_finished_before_and_never_a_nan(tmp_path, store, direction, objective, best_first):
+    from omegaconf import OmegaConf
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("e")
+    jobs = []
+    for i, (status, value, has_npz, drawn) in enumerate([("finished", 0.7, True, False), ("skipped", 0.8, False, False),
+                                                         ("finished", float("nan"), True, False), ("finished", 0.6, True, False),
+                                                         ("skipped", 0.9, False, True)]):
+        run_id = client.create_run(exp).info.run_id
+        job_dir = tmp_path / str(i)
+        job_dir.mkdir()
+        npz = figures.save(_fake_figure_data(), tmp_path / f"f{i}.npz")
+        if has_npz:
+            (job_dir / figures.NPZ).write_bytes(npz.read_bytes())
+        else:  # a run a previous sweep finished: its figures.npz is in MLflow only
+            (tmp_path / "up").mkdir(exist_ok=True)
+            (tmp_path / "up" / figures.NPZ).write_bytes(npz.read_bytes())
+            client.log_artifact(run_id, str(tmp_path / "up" / figures.NPZ))
+        if drawn:  # figures drawn before: left as they are
+            (tmp_path / "up" / "reconstructions.png").write_bytes(b"png")
+            client.log_artifact(run_id, str(tmp_path / "up" / "reconstructions.png"))
+        jobs.append({"status": status, "objective": value, "run_id": run_id, "job_dir": str(job_dir)})
+    sweeper = {} if direction is None else {"direction": direction}
+    config = OmegaConf.create({"tracking": {"uri": store, "experiment": "e", "figures": "auto", "figures_best": 2},
+                               "sweep": {"objective": objective}, "hydra": {"sweeper": sweeper}})
+    drawn = figures.draw_best(config, jobs)
+    # ranked (NaN left out): best first 0.9 (drawn before), 0.8, 0.7, 0.6; worst first 0.6, 0.7, 0.8, 0.9
+    expected = ["1"] if best_first else ["3", "0"]
+    assert [Path(d).name for d in drawn] == expected
+    for d in expected:
+        run_id = jobs[int(d)]["run_id"]
+        assert {"reconstructions.png", "roc.png", "pr.png", "score_hist.png"} <= {a.path for a in client.list_artifacts(run_id)}
+        assert (tmp_path / d / "roc.png").exists()
+    assert not (tmp_path / "2" / "roc.png").exists()  # the NaN run is never "best"

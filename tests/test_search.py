@@ -305,11 +305,11 @@ def test_the_orphan_command_marks_only_runs_whose_process_is_gone(tmp_path):
 
 
 def test_a_job_config_composed_to_check_the_batch_is_the_one_the_job_runs_with():
-    """Hydra's basic sweeper composes every job's config before launching; the launcher reuses
-    that composition instead of composing again (once per job, not twice)."""
+    """Hydra's basic sweeper composes every job's config before launching; the launcher runs each
+    job on that composition (once per job, not twice), and nothing else is ever kept or reused."""
     import pickle
 
-    from freqexp.parallel import ComposedConfigs, compose_job
+    from freqexp.parallel import ComposedConfigs, checked_config, compose_job
 
     class Loader:
         def __init__(self):
@@ -326,13 +326,17 @@ def test_a_job_config_composed_to_check_the_batch_is_the_one_the_job_runs_with()
     master, other_master = OmegaConf.create({}), OmegaConf.create({})
     loader = Loader()
     context = Context(ComposedConfigs(loader))
-    checked = [context.config_loader.load_sweep_config(master, [f"model={m}"]) for m in ("ae", "cae")]  # the sweeper's check
-    assert loader.calls == 2
-    assert compose_job(context, master, ["model=cae"]) is checked[1] and compose_job(context, master, ["model=ae"]) is checked[0]
-    assert loader.calls == 2  # both jobs ran on the checked compositions
-    assert compose_job(context, master, ["model=ae"]).n == 3  # taken once: a second run of the same overrides composes anew
+    checked = [context.config_loader.load_sweep_config(master, [f"model={m}"]) for m in ("ae", "cae", "vae")]  # the sweeper's check
+    assert loader.calls == 3
+    assert checked_config(context, master, ["model=cae"], None) is checked[1]
+    assert checked_config(context, master, ["model=ae"], None) is checked[0]
+    assert loader.calls == 3  # both jobs run on the checked compositions
+    assert checked_config(context, master, ["model=ae"], None) is None  # taken once: never handed to a second job
+    assert checked_config(context, master, ["model=vae"], device=1) is None and not context.config_loader.kept  # a GPU job: dropped
+    fresh = compose_job(context, master, ["model=ae"])  # composed now, by the plain loader, and not kept
+    assert fresh.n == 4 and not context.config_loader.kept
     context.config_loader.load_sweep_config(master, ["model=vae"])
-    assert compose_job(context, other_master, ["model=vae"]).n == 5  # another sweep's config is never reused
+    assert checked_config(context, other_master, ["model=vae"], None) is None  # another sweep's config is never reused
     assert compose_job(Context(loader), master, ["x=1"]).n == 6  # a plain loader (a worker process) composes
     context.config_loader.load_sweep_config(master, ["model=vae"])
     rebuild, args = context.config_loader.__reduce__()  # what pickling sends a worker: the plain loader, not the kept configs
