@@ -84,9 +84,10 @@ benchmark: install  ## every FMNIST class x models x seeds, two selection protoc
 	$(PY) -m freqexp.benchmark --uri $(BENCH_STORE) --experiment one_class_benchmark --readme $(BENCH_README) \
 		--diagram $(BENCH_DIAGRAM)
 
-bench: install  ## throughput: freqexp's training path vs a plain PyTorch loop
+bench: install  ## throughput vs a plain PyTorch loop, batched filters, the fixed cost of a sweep job
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/filters.py
+	$(PY) benchmarks/sweep_overhead.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:$(PORT) over the default store; prints each experiment's runs-table link
 	-@$(PY) -m freqexp.ui --uri $(STORE) --port $(PORT)
