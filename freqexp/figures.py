@@ -152,7 +152,7 @@ def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
         vmin, vmax = (float(v) for v in fd["overlay_range"])
         fig = plots.overlay_figure(t["overlay_images"], t["overlay_maps"].float(), t["overlay_masks"], t["overlay_labels"].long(),
                                    t["overlay_scores"], torch.arange(n), vmin, vmax, numbers=fd["overlay_indices"].tolist(),
-                                   range_note=": 1st to 99.5th percentile of all test pixels")
+                                   range_note=plots.RANGE_NOTE)
         paths.append(plots.save_figure(fig, output_dir / "anomaly_overlays.png"))
     return paths
 
@@ -163,18 +163,14 @@ def _descending(config) -> bool:
     from freqexp.stats import lower_is_better
     from freqexp.validate import objectives
 
+    from omegaconf import ListConfig
+
     direction = (config.get("hydra", {}).get("sweeper", {}) or {}).get("direction")
-    if direction is not None and not isinstance(direction, str) and _is_sequence(direction):
+    if isinstance(direction, (list, tuple, ListConfig)):  # several objectives: the first one's
         direction = direction[0] if len(direction) else None
     if direction is not None:
         return str(getattr(direction, "name", direction)).lower() != "minimize"
     return not lower_is_better(objectives(config)[0])
-
-
-def _is_sequence(value) -> bool:
-    from omegaconf import ListConfig
-
-    return isinstance(value, (list, tuple, ListConfig))
 
 
 def draw_best(config, jobs: Sequence[dict]) -> List[str]:
@@ -186,17 +182,14 @@ def draw_best(config, jobs: Sequence[dict]) -> List[str]:
     import logging
     import math
 
+    from freqexp.sweep import first_objective
+
     if mode(config, multirun=True) != "best":
         return []
     k = best_count(config)
-
-    def first(j):
-        v = j.get("objective")
-        v = v[0] if isinstance(v, list) else v
-        return float(v) if v is not None and math.isfinite(float(v)) else None
-
-    ranked = [j for j in jobs if j["status"] in ("finished", "skipped") and j.get("run_id") and first(j) is not None]
-    ranked.sort(key=first, reverse=_descending(config))
+    ranked = [j for j in jobs if j["status"] in ("finished", "skipped") and j.get("run_id")
+              and first_objective(j) is not None and math.isfinite(first_objective(j))]
+    ranked.sort(key=first_objective, reverse=_descending(config))
     if not ranked or k == 0:
         return []
     from freqexp.tracking import Tracker
@@ -225,7 +218,9 @@ def draw_best(config, jobs: Sequence[dict]) -> List[str]:
 
 
 def _status_run_id(run_dir: Path) -> Optional[str]:
-    status = run_dir / "job_status.json"
+    from freqexp.sweep import STATUS_FILE
+
+    status = run_dir / STATUS_FILE
     if status.exists():
         return json.loads(status.read_text()).get("run_id")
     return None

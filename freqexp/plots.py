@@ -159,6 +159,7 @@ def map_colour_range(maps, low: float = 0.01, high: float = 0.995) -> tuple[floa
 
 
 OVERLAY_ROWS = ("input", "anomaly map", "overlay", "ground truth")
+RANGE_NOTE = ": 1st to 99.5th percentile of all test pixels"  # how map_colour_range chose the colours
 
 
 GT_FILL = (1.0, 0.1, 0.1, 0.55)  # RGBA of the ground-truth fill
@@ -232,12 +233,3 @@ def overlay_figure(images, maps, masks, labels, scores, indices, vmin: float, vm
     fig.suptitle(f"Test anomaly maps (colour range {vmin:.3g} to {vmax:.3g}{range_note})", fontsize=8)
     return fig
 
-
-def anomaly_overlays(images, maps, masks, labels, scores, path: Path, n_normal: int = 4, n_anomalous: int = 8) -> Path:
-    """The overlay figure for the images overlay_indices picks, colours from map_colour_range over
-    all given maps."""
-    indices = overlay_indices(labels, n_normal, n_anomalous)
-    vmin, vmax = map_colour_range(maps)
-    fig = overlay_figure(images, maps, masks, labels, scores, indices, vmin, vmax,
-                         range_note=": 1st to 99.5th percentile of all test pixels")
-    return save_figure(fig, path)

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -24,6 +24,13 @@ def collect(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
+def first_objective(job: dict) -> Optional[float]:
+    """A job's sweep objective from its status (the first of several), or None when it has none."""
+    value = job.get("objective")
+    value = value[0] if isinstance(value, list) else value
+    return float(value) if value is not None else None
+
+
 def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
     finished = [j for j in jobs if j["status"] == "finished"]
     skipped = [j for j in jobs if j["status"] == "skipped"]
@@ -32,9 +39,8 @@ def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
     lines = [f"freqexp sweep: {len(finished)} finished, {len(failed)} failed, {len(skipped)} skipped (already finished)"
              + (f", {len(pruned)} pruned" if pruned else "") + f" ({sweep_dir})"]
     def first(j):
-        value = j.get("objective")
-        value = value[0] if isinstance(value, list) else value
-        return float(value) if value is not None else float("-inf")
+        value = first_objective(j)
+        return value if value is not None else float("-inf")
 
     for j in sorted(finished + skipped, key=lambda j: -first(j)):
         tag = "ok     " if j["status"] == "finished" else "skipped"
