@@ -84,8 +84,10 @@ benchmark: install  ## every FMNIST class x models x seeds, two selection protoc
 	$(PY) -m freqexp.benchmark --uri $(BENCH_STORE) --experiment one_class_benchmark --readme $(BENCH_README) \
 		--diagram $(BENCH_DIAGRAM)
 
-bench: install  ## throughput vs a plain PyTorch loop, batched filters, the fixed cost of a sweep job
-	$(PY) benchmarks/throughput.py
+bench: install  ## training step vs a plain PyTorch loop, a run's time by phase, batched filters, a sweep job's fixed cost
+	$(PY) benchmarks/throughput.py $(ARGS)
+	$(PY) benchmarks/throughput.py --proxy
+	$(PY) benchmarks/run_breakdown.py $(ARGS)
 	$(PY) benchmarks/filters.py
 	$(PY) benchmarks/sweep_overhead.py
 

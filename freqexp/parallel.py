@@ -145,16 +145,24 @@ def checked_config(hydra_context, config: DictConfig, overrides: Sequence[str], 
 
 
 def execute_job(idx: int, overrides: Sequence[str], hydra_context, config: DictConfig, task_function: Callable,
-                singleton_state: Optional[Dict[Any, Any]] = None, trial: Any = None, composed: Optional[DictConfig] = None):
+                singleton_state: Optional[Dict[Any, Any]] = None, trial: Any = None, composed: Optional[DictConfig] = None,
+                threads: Optional[int] = None):
     """One job, as Hydra's launchers run one (in a worker process: with the parent's singleton
     state), with the Optuna trial it belongs to attached for pruning. `composed`: the job's
-    config when the parent has it already."""
+    config when the parent has it already. A worker process runs job after job: its imports,
+    CUDA context and decoded datasets serve them all. `threads`: the worker's share of the CPU
+    cores, so that workers in flight together do not oversubscribe them."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import configure_log, run_job, setup_globals
 
     from freqexp import pruning
 
+    if threads is not None:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     setup_globals()
     if singleton_state is not None:
         Singleton.set_state(singleton_state)
@@ -185,6 +193,7 @@ class JobPool:
         self.inflight: Dict[Future, tuple] = {}
         self.ended: List[tuple] = []
         self.executor = None
+        self.threads = max(1, (os.cpu_count() or 1) // self.workers)  # each worker's share of the cores
         if self.workers > 1:
             from joblib.externals.loky import get_reusable_executor
 
@@ -206,7 +215,7 @@ class JobPool:
         device = self.slots.acquire()
         composed = checked_config(self.hydra_context, self.config, overrides, device)
         future = self.executor.submit(execute_job, idx, with_device(overrides, device), self.hydra_context, self.config,
-                                      self.task_function, Singleton.get_state(), trial, composed)
+                                      self.task_function, Singleton.get_state(), trial, composed, self.threads)
         self.inflight[future] = (key, device)
 
     def _wait_one(self) -> None:

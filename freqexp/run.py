@@ -3,13 +3,13 @@
 (single run) or a FAILED MLflow run and a status file (sweep job), never a dead sweep."""
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +36,8 @@ class RunResult:
     skipped: bool = False  # resumed sweep: this config already has a FINISHED run
 
 
+TIMING_FILE = "timing.json"  # in the run dir: each phase's seconds and the process's milestones (freqexp.timing)
+
 # Keys that do not change what a run computes: left out of the config hash that resume uses.
 NOT_HASHED = ("tracking", "sweep", "hardware")
 
@@ -52,7 +54,9 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The checkout's commit, asked once per process (a sweep's worker runs many jobs)."""
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -176,17 +180,22 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
             resume: bool = False) -> RunResult:
     """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
     exists; once the run is open, any exception ends it FAILED with the error recorded. With
-    `resume`, a config that already has a FINISHED run in the experiment is not run again."""
-    plan = make_plan(cfg)  # 1. every value checked, components built
-    from freqexp.orphans import where_tags
-    from freqexp.tracking import Tracker
+    `resume`, a config that already has a FINISHED run in the experiment is not run again.
+    Each phase is timed (freqexp.timing): sys/seconds_<phase> in MLflow, timing.json in the run dir."""
+    from freqexp.timing import Phases
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-    chash = config_hash(cfg)
-    if resume:
-        done = tracker.find_finished(chash)
-        if done is not None:
-            return RunResult({k: float(v) for k, v in done.data.metrics.items()}, done.info.run_id, output_dir, tracker.uri, skipped=True)
+    phase = Phases()
+    with phase("plan"):
+        plan = make_plan(cfg)  # 1. every value checked, components built
+    with phase("store"):
+        from freqexp.orphans import where_tags
+        from freqexp.tracking import Tracker
+
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        chash = config_hash(cfg)
+        done = tracker.find_finished(chash) if resume else None
+    if done is not None:
+        return RunResult({k: float(v) for k, v in done.data.metrics.items()}, done.info.run_id, output_dir, tracker.uri, skipped=True)
 
     import torch
 
@@ -195,11 +204,12 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     from freqexp.tracking import flatten
 
     quiet_lightning()
-    data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
-    data = with_expanded_train(data, plan.augment)
-    if cfg.dataset.get("val_anomalies") == "pseudo":
-        generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
-        data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
+    with phase("data"):
+        data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
+        data = with_expanded_train(data, plan.augment)
+        if cfg.dataset.get("val_anomalies") == "pseudo":
+            generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
+            data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
     plan.model.check_fit(len(data.train), plan.hardware.device)
@@ -210,74 +220,83 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **where_tags(), **(tags or {})}
-    run_id = tracker.start(run_name or run_label(cfg), run_tags)
+    with phase("run_start"):
+        run_id = tracker.start(run_name or run_label(cfg), run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
     try:
-        params = flatten(OmegaConf.to_container(cfg, resolve=True))
-        reduction = cfg.score.reduction
-        params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
-        params.update({f"choice.{group}": option for group, option in group_choices().items()})
-        params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
-                       "model.n_params": sum(p.numel() for p in plan.model.parameters())})
-        params.update({f"data.{k}": v for k, v in data.counts().items()})
-        if "root" in data.info:
-            params["data.root"] = data.info["root"]
-        tracker.log_params(params)
-        log_dataset_inputs(tracker, cfg, data)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        with phase("run_start"):
+            params = flatten(OmegaConf.to_container(cfg, resolve=True))
+            reduction = cfg.score.reduction
+            params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
+            params.update({f"choice.{group}": option for group, option in group_choices().items()})
+            params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
+                           "resolved.cpu_threads": torch.get_num_threads(), "model.n_params": sum(p.numel() for p in plan.model.parameters())})
+            params.update({f"data.{k}": v for k, v in data.counts().items()})
+            if "root" in data.info:
+                params["data.root"] = data.info["root"]
+            tracker.log_params(params)
+            log_dataset_inputs(tracker, cfg, data)
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
         device = plan.hardware.device
-        from freqexp.data.cache import cache_dir_of, place
+        with phase("setup"):
+            from freqexp.data.cache import cache_dir_of, place
 
-        # 3. the dataset lives on the training device, or memory-mapped on the host when too large (dataset.cache)
-        data = place(data, device, cfg.dataset.get("cache", "auto"), cache_dir_of(cfg.dataset))
-        from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module
+            # 3. the dataset lives on the training device, or memory-mapped on the host when too large (dataset.cache)
+            data = place(data, device, cfg.dataset.get("cache", "auto"), cache_dir_of(cfg.dataset))
+            from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module
 
-        module = build_module(plan, cfg)
-        timer = TrainTimer()
-        callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
-        # a gradient-free fit is one pass: there is no earlier epoch to go back to
-        best = BestWeights() if cfg.trainer.restore_best and not plan.model.gradient_free else None
-        if best:
-            callbacks.append(best)
-        trial = pruning.current()
-        if trial is not None and pruning.reports_every_epoch(cfg):  # an Optuna trial: report each epoch, stop if pruned
-            callbacks += [pruning.objective_so_far(objectives(cfg)[0], best), pruning.callback(trial)]
-        trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
-        train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
-        val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
-        from freqexp.evaluate import reset_peak_memory
+            module = build_module(plan, cfg)
+            timer = TrainTimer()
+            callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
+            # a gradient-free fit is one pass: there is no earlier epoch to go back to
+            best = BestWeights() if cfg.trainer.restore_best and not plan.model.gradient_free else None
+            if best:
+                callbacks.append(best)
+            trial = pruning.current()
+            if trial is not None and pruning.reports_every_epoch(cfg):  # an Optuna trial: report each epoch, stop if pruned
+                callbacks += [pruning.objective_so_far(objectives(cfg)[0], best), pruning.callback(trial)]
+            trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
+            train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
+            val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
+            from freqexp.evaluate import reset_peak_memory
 
-        reset_peak_memory(device)
-        fit_t0 = time.perf_counter()
-        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)  # 6. fit
-        fit_seconds = time.perf_counter() - fit_t0
+            reset_peak_memory(device)
+        with phase("fit"):
+            trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)  # 6. fit
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
         module.to(device)
 
         from freqexp.evaluate import evaluate
 
-        metrics, scored = evaluate(module, data, cfg.trainer.eval_batch_size)  # 7. evaluate
+        with phase("evaluate"):
+            metrics, scored = evaluate(module, data, cfg.trainer.eval_batch_size)  # 7. evaluate
         metrics["train/throughput"] = module.images_seen / max(timer.seconds, 1e-9)
-        metrics["train/seconds"] = fit_seconds
+        metrics["train/seconds"] = phase.seconds["fit"]
         metrics["train/epochs"] = trainer.current_epoch
         if best and best.best_epoch is not None:
             metrics["val/best_epoch"] = best.best_epoch + 1  # 1-based, as the val_epoch/* steps
-        tracker.log_metrics(metrics, step=trainer.current_epoch)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
-        torch.save(module.model.state_dict(), output_dir / "model.pt")  # for analyses of this run
-        artifacts = [output_dir / "config.yaml", output_dir / "metrics.json", output_dir / "model.pt"]
+        with phase("artifacts"):
+            torch.save(module.model.state_dict(), output_dir / "model.pt")  # for analyses of this run
+            artifacts = [output_dir / "config.yaml", output_dir / "metrics.json", output_dir / "model.pt"]
         figures_mode = figures.mode(cfg)  # all: draw now; best: save what to draw (figures.npz), drawn if among a sweep's best
         if figures_mode != "none":
-            fd = figures.figure_data(module, data, scored, metrics)
-            artifacts += figures.draw(fd, output_dir) if figures_mode == "all" else [figures.save(fd, output_dir / figures.NPZ)]
-        tracker.log_artifacts(artifacts)
-        tracker.set_tags({"status": "finished"})
-        tracker.end("FINISHED")
+            with phase("figures"):
+                fd = figures.figure_data(module, data, scored, metrics)
+                artifacts += figures.draw(fd, output_dir) if figures_mode == "all" else [figures.save(fd, output_dir / figures.NPZ)]
+        with phase("artifacts"):
+            tracker.log_artifacts(artifacts)
+        with phase("run_end"):  # the final metrics (with the phases timed so far), the status, the run's end
+            tracker.log_metrics({**metrics, **phase.metrics()}, step=trainer.current_epoch)
+            tracker.set_tags({"status": "finished"})
+            tracker.end("FINISHED")
+        (output_dir / TIMING_FILE).write_text(json.dumps(phase.record(), indent=2))
         return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes"),
-                                                                     "experiment_id": tracker.experiment_id})
+                                                                     "experiment_id": tracker.experiment_id,
+                                                                     "phases": dict(phase.seconds)})
     except BaseException as e:  # the run must never be left RUNNING
         if pruning.is_pruned(e):  # the search's pruner stopped it: not a failure, and not a result
             e.pruned_epoch = int(trainer.current_epoch) + 1
@@ -349,6 +368,7 @@ def summary(cfg, result: RunResult) -> str:
     lines += [
         f"  speed train {m['train/throughput']:,.0f} img/s   test {m['test/throughput']:,.0f} img/s   "
         f"peak memory {m['sys/peak_memory_mb']:,.0f} MiB   ({m['train/seconds']:.1f} s training)",
+        *([phase_line(result.info["phases"])] if result.info.get("phases") else []),
         f"  run dir  {result.output_dir}",
         f"  MLflow   {result.tracking_uri}   experiment '{cfg.tracking.experiment}'   run {result.run_id}",
     ]
@@ -359,6 +379,13 @@ def summary(cfg, result: RunResult) -> str:
     if result.info.get("experiment_id") is not None:
         lines.append(f"  runs     {ui_link(result.tracking_uri, result.info['experiment_id'])}")
     return "\n".join(lines)
+
+
+def phase_line(phases: Dict[str, float]) -> str:
+    """`  time   fit 8.0 s + 1.2 s besides (data 0.3, store 0.2, ...)`: where the run's time went."""
+    other = {k: v for k, v in phases.items() if k != "fit"}
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(other.items(), key=lambda kv: -kv[1]))
+    return f"  time     fit {phases.get('fit', 0.0):.1f} s + {sum(other.values()):.1f} s besides ({parts})"
 
 
 def write_status(output_dir: Path, **fields) -> None:
@@ -382,6 +409,9 @@ def task(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from freqexp.timing import mark
+
+    mark("task")
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     output_dir = Path(hc.runtime.output_dir)

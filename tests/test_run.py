@@ -58,6 +58,16 @@ def test_synthetic_run_is_logged_to_mlflow_completely(tmp_path, store):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert ARTIFACTS <= artifacts
     assert run.data.tags["purpose"] == "test" and run.data.tags["model"] == "cae"
+    # where the run's time went: every phase timed once, the fit's the training time, and the
+    # phases fit inside the run's own span (timing.json's instants), no phase counted twice
+    timing = json.loads((result.output_dir / "timing.json").read_text())
+    phases = timing["phases"]
+    assert list(phases) == ["plan", "store", "data", "run_start", "setup", "fit", "evaluate", "artifacts", "figures", "run_end"]
+    assert run.data.metrics["sys/seconds_fit"] == pytest.approx(saved["train/seconds"]) == pytest.approx(phases["fit"])
+    # MLflow has every phase but the last (the final metrics are logged in it)
+    assert run.data.metrics["sys/seconds_outside_fit"] == pytest.approx(sum(phases.values()) - phases["fit"] - phases["run_end"], abs=1e-6)
+    span = timing["marks"]["run_end"] - timing["marks"]["run_start"]
+    assert 0.9 * span <= sum(phases.values()) <= span
 
 
 def test_run_names_say_what_ran_and_the_dataset_is_an_input(tmp_path, store):

@@ -210,6 +210,13 @@ def test_a_grid_on_two_workers_runs_every_job_once_through_the_default_launcher(
     assert sorted(runs["params.model.name"]) == ["ae", "cae", "cvae"] and set(runs["status"]) == {"FINISHED"}
     statuses = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multiruns/*/*/*/job_status.json")]
     assert sorted(s["run_id"] for s in statuses) == sorted(runs["run_id"])  # each job in its own dir, once
+    # two worker processes ran the three jobs: one of them ran two (its imports and data served both),
+    # and each took half of the cores
+    from freqexp.orphans import PID_TAG
+
+    pids = runs[f"tags.{PID_TAG}"].astype(int)
+    assert pids.nunique() == 2 and pids.value_counts().max() == 2
+    assert set(runs["params.resolved.cpu_threads"].astype(int)) == {max(1, (os.cpu_count() or 1) // 2)}
 
 
 # ---------------------------------------------------------------- devices

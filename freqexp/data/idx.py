@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import zlib
@@ -14,14 +15,30 @@ from freqexp.errors import DataError
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# Decompressed files kept by this process, keyed by (path, size, mtime): a sweep's worker runs many
+# jobs on the same data and decompresses it once (Fashion-MNIST: 0.3 s a job on 2 CPU cores).
+_DECODED: "OrderedDict[tuple, bytes]" = OrderedDict()
+DECODED_CACHE_BYTES = 256 * 2**20
+
+
 def read_bytes(path: Path) -> bytes:
     try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in _DECODED:
+            _DECODED.move_to_end(key)
+            return _DECODED[key]
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+                data = f.read()
+        else:
+            data = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {e}") from None
+    _DECODED[key] = data
+    while sum(len(v) for v in _DECODED.values()) > DECODED_CACHE_BYTES and len(_DECODED) > 1:
+        _DECODED.popitem(last=False)
+    return data
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:

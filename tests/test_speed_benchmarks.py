@@ -1,0 +1,43 @@
+"""The speed benchmarks run on a CPU with a tiny budget and report figures that agree with each
+other (a GPU is where they matter; scripts/gpu-check.sh runs them there)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def bench(script, *args, timeout=300):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_throughput_proxy_reports_consistent_rates_and_ratios():
+    out = bench("throughput.py", "--proxy", "--epochs", "2", "--repeats", "1")
+    rows = {m[1].strip(): (float(m[2].replace(",", "")), float(m[3])) for m in
+            re.finditer(r"^(.{34}):\s+([\d,]+) img/s\s+(\d+) us/step", out, re.M)}
+    assert set(rows) == {"plain loop, torch's default AdamW", "plain loop, fused AdamW", "freqexp (Lightning)"}
+    for ips, us in rows.values():  # 4096 images in 128 steps of 32: img/s x s/step = 32 images
+        assert ips * us / 1e6 == pytest.approx(32, rel=0.01)
+    ours, fused, plain = rows["freqexp (Lightning)"][0], rows["plain loop, fused AdamW"][0], rows["plain loop, torch's default AdamW"][0]
+    assert float(re.search(r"same optimizer \(fused AdamW\): ([\d.]+)", out)[1]) == pytest.approx(ours / fused, abs=2e-3)
+    assert float(re.search(r"default AdamW\s+: ([\d.]+)", out)[1]) == pytest.approx(ours / plain, abs=2e-3)
+    overhead = float(re.search(r"same loop \(fused AdamW\): ([+-]\d+) us", out)[1])
+    assert overhead == pytest.approx(rows["freqexp (Lightning)"][1] - rows["plain loop, fused AdamW"][1], abs=1.5)
+
+
+def test_run_breakdown_accounts_for_the_whole_wall_time():
+    out = bench("run_breakdown.py", "--runs", "1", "dataset=synthetic", "trainer.max_epochs=1")
+    rows = dict(re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+[\d.]+$", out, re.M))
+    steps = {k: float(v) for k, v in rows.items() if k != "wall"}
+    assert {"store", "data", "fit", "evaluate", "exit"} <= set(steps) and len(steps) == 13
+    wall = float(rows["wall"])
+    assert sum(steps.values()) == pytest.approx(wall, rel=0.05)  # every second of the wall is in one step
+    besides = float(re.search(r"besides the fit: ([\d.]+) s", out)[1])
+    assert besides == pytest.approx(wall - steps["fit"], abs=0.02)
