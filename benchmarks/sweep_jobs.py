@@ -39,16 +39,21 @@ def run_grid(packing: int, args, extra, gpu: bool) -> dict:
     by_pid = defaultdict(list)
     for j in jobs:
         by_pid[j["pid"]].append(j)
-    steady, first = [], []
+    steady, first, parts = [], [], defaultdict(list)
     for runs in by_pid.values():
         runs.sort(key=lambda j: j["marks"]["run_start"])
         first.append(runs[0]["marks"]["run_end"] - t0 - runs[0]["phases"]["fit"])
         for prev, job in zip(runs, runs[1:]):
             steady.append(job["marks"]["run_end"] - prev["marks"]["run_end"] - job["phases"]["fit"])
+            parts["between jobs"].append(job["marks"]["run_start"] - prev["marks"]["run_end"])
+            for name, seconds in job["phases"].items():
+                if name != "fit":
+                    parts[name].append(seconds)
     fits = [j["phases"]["fit"] for j in jobs]
     return {"packing": packing, "jobs": len(jobs), "workers": len(by_pid), "wall": wall, "per_hour": len(jobs) / wall * 3600,
             "fit": statistics.mean(fits), "steady": statistics.median(steady) if steady else float("nan"),
-            "steady_max": max(steady) if steady else float("nan"), "first": statistics.median(first)}
+            "steady_max": max(steady) if steady else float("nan"), "first": statistics.median(first),
+            "parts": {k: statistics.median(v) for k, v in parts.items()}}
 
 
 def main() -> None:
@@ -70,6 +75,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['packing']:>15} {r['jobs']:>5} {r['workers']:>5} {r['wall']:8.1f} {r['per_hour']:8.0f} {r['fit']:9.2f} "
               f"{r['steady']:17.2f} (max {r['steady_max']:.2f}) {r['first']:22.2f}")
+    for r in rows:
+        if r["parts"]:
+            print(f"{what}={r['packing']}, a steady-state job beyond its fit (medians, s): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["parts"].items(), key=lambda kv: -kv[1])))
     base = rows[0]
     for r in rows[1:]:
         print(f"{what}={r['packing']}: {r['per_hour'] / base['per_hour']:.2f}x the jobs per hour of {what}={base['packing']}")

@@ -36,7 +36,7 @@ WORK=$(mktemp -d)  # runs, stores and Hydra outputs of the steps below
 cd "$WORK"
 
 {
-  echo "# freqexp GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# freqexp GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit ${FREQEXP_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo
   "$PY" - <<'EOF2' 2>&1
 import os, torch
@@ -59,9 +59,14 @@ HW=hardware=gpu
 
 failed=0
 # step NAME SECONDS LINES-KEPT COMMAND...: runs COMMAND with a time limit (cut to what is left of the
-# whole check), keeps its last lines in the figures file
+# whole check), keeps its last lines in the figures file. GPU_CHECK_ONLY="1 2": only the steps whose
+# names begin with those numbers (and the unnumbered ones when it holds "x").
 step() {
   local name=$1 limit=$2 keep=$3; shift 3
+  if [ -n "${GPU_CHECK_ONLY:-}" ]; then
+    local id=${name%%.*}; [ "$id" = "$name" ] && id=x
+    case " $GPU_CHECK_ONLY " in *" $id "*) ;; *) return ;; esac
+  fi
   local t0=$SECONDS rc left=$((DEADLINE - SECONDS))
   [ "$left" -lt "$limit" ] && limit=$left
   { echo; echo "## $name"; echo; echo '```'; echo "\$ python ${*:2}" | sed "s|$REPO/||g"; } >>"$FIG"
@@ -96,11 +101,11 @@ step "2. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 1
   "$PY" "$B/run_breakdown.py" "${R[@]}" "$HW"
 step "4. Memory banks at 224 px (300 train / 500 test images)" 150 30 \
   "$PY" "$B/coreset.py" "${M[@]}" "$HW"
-step "3. A grid at jobs_per_device 1, 4, 8 (12 jobs of 10 epochs)" 200 10 \
+step "3. A grid at jobs_per_device 1, 4, 8 (12 jobs of 10 epochs)" 200 14 \
   "$PY" "$B/sweep_jobs.py" "${S[@]}" "$HW"
-step "Batched filters vs a per-image numpy loop" 45 10 \
+step "5. Batched filters vs a per-image numpy loop" 45 10 \
   "$PY" "$B/filters.py" "${F[@]}" --device "$([ "$HW" = hardware=gpu ] && echo cuda || echo cpu)"
-step "CUDA tests (16-mixed training of every model, memory-bank and MemAE CUDA paths)" 150 8 \
+step "6. CUDA tests (16-mixed training of every model, memory-bank and MemAE CUDA paths)" 150 8 \
   "$PY" -m pytest -q -p no:cacheprovider "${P[@]}" --rootdir "$REPO" -k "cuda" "$REPO/tests/test_model_zoo.py" \
   "$REPO/tests/test_models_memae.py" "$REPO/tests/test_config.py" "$REPO/tests/test_data_cache.py" "$REPO/tests/test_training_step.py"
 
