@@ -12,6 +12,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
+from freqexp.augment.base import NoAugment
 from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
 from freqexp.data.base import IndexBatches
@@ -47,8 +48,16 @@ class ReconstructionModule(L.LightningModule):
         self.model, self.loss, self.augment = model, loss, augment
         self.filter, self.placement = filter_module, filter_placement
         self.optim_cfg, self.score_cfg = dict(optim), dict(score)
+        # "none" augment and filter are identities: model_io skips their module calls on the hot path
+        self.augments = not isinstance(augment, NoAugment)
+        self.filters = not isinstance(filter_module, nn.Identity)
         self.max_epochs, self.nan_guard = max_epochs, nan_guard
         self.images_seen = 0
+        # The shared step (training_step below) optimizes by hand: Lightning's automatic optimization
+        # wraps each step in a closure and several hooks, about 90 us of host time a step on 2 CPU
+        # cores, which a GPU step of a small model waits for. A procedure with its own training_step
+        # (DRAEM) keeps automatic optimization unless it says otherwise (GANomaly).
+        self.automatic_optimization = type(self).training_step is not ReconstructionModule.training_step
         # the epoch's summed training losses, on the device: [total, term, ...] x images (see check_and_log)
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_names: list[str] = []
@@ -98,10 +107,10 @@ class ReconstructionModule(L.LightningModule):
 
     def model_io(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(model input, target) for a clean batch, per augment and filter placement."""
-        x_in, target = self.augment(x) if train else (x, x)
-        if self.placement in ("input", "both"):
+        x_in, target = self.augment(x) if train and self.augments else (x, x)
+        if self.filters and self.placement in ("input", "both"):
             x_in = self.filter(x_in)
-        if self.placement == "both":
+        if self.filters and self.placement == "both":
             target = self.filter(target)
         return x_in, target
 
@@ -118,7 +127,22 @@ class ReconstructionModule(L.LightningModule):
         x_in, target = self.model_io(x, train=True)
         total, parts = self.model.training_loss(x_in, target, self.compare)
         self.check_and_log(total, parts, x.shape[0])
-        return total
+        if self.automatic_optimization:  # a subclass that calls this step and asked for Lightning's loop
+            return total
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)  # scaled under 16-mixed; the step unscales, skips on inf, updates the scale
+        opt.step()
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        """Optimizing by hand, the epoch schedulers are stepped here (after the epoch's validation,
+        where Lightning's own loop steps them)."""
+        if self.automatic_optimization:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
+            scheduler.step()
 
     def check_and_log(self, total: torch.Tensor, parts: Dict[str, torch.Tensor], bs: int) -> None:
         """Adds the step's loss and each term to the epoch's sums on the device; nothing here waits

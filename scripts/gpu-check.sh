@@ -59,12 +59,12 @@ HW=hardware=gpu
 
 failed=0
 # step NAME SECONDS LINES-KEPT COMMAND...: runs COMMAND with a time limit (cut to what is left of the
-# whole check), keeps its last lines in the figures file. GPU_CHECK_ONLY="1 2": only the steps whose
-# names begin with those numbers (and the unnumbered ones when it holds "x").
+# whole check), keeps its last lines in the figures file. GPU_CHECK_ONLY="1a 3": only the steps whose
+# names begin with those ids.
 step() {
   local name=$1 limit=$2 keep=$3; shift 3
   if [ -n "${GPU_CHECK_ONLY:-}" ]; then
-    local id=${name%%.*}; [ "$id" = "$name" ] && id=x
+    local id=${name%%.*}
     case " $GPU_CHECK_ONLY " in *" $id "*) ;; *) return ;; esac
   fi
   local t0=$SECONDS rc left=$((DEADLINE - SECONDS))
@@ -90,18 +90,20 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   M=(--limit-train 4 --limit-test 20 --ratios 1.0 0.1 --no-baselines ++model.input_size=64 ++model.center_crop=null)
   S=(--packings 1 2 --classes 0 --epochs 1 dataset.limit_train=300); F=(); P=(-x)
 else
-  T=(--epochs 4); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--limit-train 300 --limit-test 500 --ratios 1.0 0.1 0.01 --no-baselines)
-  S=(--packings 1 4 8 --classes 0,1,2,3 --epochs 10); F=(); P=()
+  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--limit-train 300 --limit-test 500 --ratios 1.0 0.1 0.01 --no-baselines)
+  S=(--packings 1 4 8 --classes ${GPU_CHECK_CLASSES:-0,1,2,3} --epochs ${GPU_CHECK_EPOCHS:-10}); F=(); P=()
 fi
-step "1. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 100 14 \
-  "$PY" "$B/throughput.py" "${T[@]}" --diagnose "$HW"
-step "1. Training step, batch 1024" 80 7 \
+step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 100 14 \
+  "$PY" "$B/throughput.py" "${T[@]}" $([ "${GPU_CHECK_DIAGNOSE:-1}" = 1 ] && echo --diagnose) "$HW"
+step "1b. Training step, batch 1024" 80 7 \
   "$PY" "$B/throughput.py" "${T2[@]}" "$HW"
-step "2. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 120 20 \
+step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 120 20 \
   "$PY" "$B/run_breakdown.py" "${R[@]}" "$HW"
+step "2b. What the start-up imports cost, by package" 60 16 \
+  "$PY" "$B/import_time.py" $([ "$HW" = hardware=gpu ] && echo --cuda)
 step "4. Memory banks at 224 px (300 train / 500 test images)" 150 30 \
   "$PY" "$B/coreset.py" "${M[@]}" "$HW"
-step "3. A grid at jobs_per_device 1, 4, 8 (12 jobs of 10 epochs)" 200 14 \
+step "3. A grid at jobs_per_device 1, 4, 8 (ae, cae, vae x classes ${GPU_CHECK_CLASSES:-0,1,2,3}, ${GPU_CHECK_EPOCHS:-10} epochs)" 200 14 \
   "$PY" "$B/sweep_jobs.py" "${S[@]}" "$HW"
 step "5. Batched filters vs a per-image numpy loop" 45 10 \
   "$PY" "$B/filters.py" "${F[@]}" --device "$([ "$HW" = hardware=gpu ] && echo cuda || echo cpu)"

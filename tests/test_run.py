@@ -91,10 +91,13 @@ def test_run_names_say_what_ran_and_the_dataset_is_an_input(tmp_path, store):
 
 
 def test_lr_is_logged_for_the_epoch_it_trained(tmp_path, store):
-    result = run_synthetic(tmp_path, store, "trainer.max_epochs=2", "optim.lr=0.002", "tracking.figures=none")
+    result = run_synthetic(tmp_path, store, "trainer.max_epochs=3", "optim.lr=0.002", "tracking.figures=none")
     lrs = {m.step: m.value for m in MlflowClient(store).get_metric_history(result.run_id, "train/lr")}
-    assert lrs[1] == pytest.approx(0.002)  # cosine: the first epoch trains at the full lr
-    assert lrs[2] < lrs[1]
+    # cosine annealing over T = 3 epochs down to eta_min = lr * optim.min_lr_ratio, stepped once after
+    # each epoch: epoch e trains at eta_min + (lr - eta_min) (1 + cos(pi (e - 1) / T)) / 2
+    eta_min = 0.002 * compose_cfg([]).optim.min_lr_ratio
+    expected = [eta_min + (0.002 - eta_min) * (1 + math.cos(math.pi * (e - 1) / 3)) / 2 for e in (1, 2, 3)]
+    assert [lrs[e] for e in (1, 2, 3)] == pytest.approx(expected)
 
 
 @needs_fmnist

@@ -1,0 +1,51 @@
+"""What a run's start-up imports cost, by top-level package, in a fresh interpreter.
+
+    .venv/bin/python benchmarks/import_time.py [--cuda]
+
+Runs `python -X importtime` on what `python -m freqexp` imports before its first epoch (the entry
+point, freqexp.run with Lightning, MLflow's client and sqlite store) and prints the seconds of each
+top-level package (its modules' own import time, summed), the wall time of the whole import in
+that process, and with --cuda the time torch takes to start CUDA (torch.cuda.init) after it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+CODE = ("import time; t0 = time.perf_counter(); import freqexp.__main__, freqexp.run, freqexp.training, "
+        "mlflow.tracking, mlflow.store.tracking.sqlalchemy_store; t1 = time.perf_counter(); {cuda}"
+        "print(f'WALL {{t1 - t0:.3f}} {{t2 - t1:.3f}}')")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args()
+    cuda = "import torch; torch.cuda.init(); t2 = time.perf_counter(); " if args.cuda else "t2 = t1; "
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", CODE.format(cuda=cuda)], capture_output=True, text=True)
+    process = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(r.stderr[-2000:])
+    per_package: Counter = Counter()
+    for line in r.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+        if m:
+            per_package[m[2].split(".")[0]] += int(m[1]) / 1e6
+    imports, cuda_s = (float(v) for v in re.search(r"WALL ([\d.]+) ([\d.]+)", r.stdout).groups())
+    print(f"imports of a run: {imports:.2f} s wall (under -X importtime, which adds a little); "
+          f"{'torch.cuda.init ' + format(cuda_s, '.2f') + ' s; ' if args.cuda else ''}process {process:.2f} s in all")
+    print("seconds by top-level package (own import time of its modules):")
+    total = sum(per_package.values())
+    for name, s in per_package.most_common(args.top):
+        print(f"  {name:24} {s:6.2f}  {s / total:5.1%}")
+    print(f"  {'(all others)':24} {total - sum(s for _, s in per_package.most_common(args.top)):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
