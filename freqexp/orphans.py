@@ -118,7 +118,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ReportError as e:
         print(f"freqexp.orphans: error: {e}", file=sys.stderr)
         return 2
-    reaped = reap_store(uri, args.experiment)
+    try:
+        reaped = reap_store(uri, args.experiment)
+    except Exception as e:  # noqa: BLE001 - not a store, a database that refuses us: one line
+        from freqexp.tracking import first_sentence
+
+        print(f"freqexp.orphans: error: tracking.uri: {uri}: the store cannot be read ({first_sentence(e)})", file=sys.stderr)
+        return 2
     print(f"freqexp.orphans: {len(reaped)} orphaned run(s) marked KILLED in {args.uri}")
     return 0
 

@@ -7,6 +7,7 @@
                        ignore it and MLflow would store it as if it mattered) -> refused
   loss=mse+sssim       an unknown loss term      -> the closest terms (a swept loss,
                        loss=mse,mse+foo, is left to its jobs: the bad one fails, the rest run)
+  tracking.uri=x://y   a URI MLflow takes as no store -> the accepted forms (freqexp.tracking.check_uri)
 
 Hydra's own flags (--multirun, --cfg job, ...) and hydra.* keys are left to Hydra; `++key`
 (add or override) is a deliberate power-user form and is not checked. In a --multirun, each
@@ -49,6 +50,32 @@ def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
         tail = word.rsplit(".", 1)[-1]
         close = [c for c in candidates if tail and tail in c.rsplit(".", 1)[-1]][:n]
     return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def uri_problem(values: Sequence[str]) -> Optional[str]:
+    """The first tracking.uri value MLflow would not take as a store, as one line (interpolations
+    are left to validation, which sees them resolved)."""
+    from freqexp.errors import ConfigError
+    from freqexp.tracking import check_uri
+
+    for value in values:
+        if "${" in value:
+            continue
+        try:
+            check_uri(value, "tracking.uri")
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
+def _plain_values(override) -> List[str]:
+    """The string values of an override or of its sweep, as written (no escaping); [] for what
+    this cannot list (globs, ranges, intervals)."""
+    try:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # noqa: BLE001 - a glob needs the config loader; left to validation
+        return []
+    return [v for v in values if isinstance(v, str)]
 
 
 def _values(override) -> List[str]:
@@ -112,6 +139,10 @@ def check(argv: Sequence[str]) -> Optional[str]:
         if key.startswith("hydra") or o.is_delete():
             continue
         name = key.split("@")[0].lstrip("/")
+        if name == "tracking.uri":  # its form, now: MLflow's own error is a 430-character registry message
+            problem = uri_problem(_plain_values(o))
+            if problem:
+                return problem
         if name == "sweep" and o.is_add():
             for v in _values(o):
                 if v not in sweep_presets():

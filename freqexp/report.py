@@ -1,11 +1,12 @@
 """Leaderboards from MLflow: `python -m freqexp.report [options] [key=value ...]`.
 
 Reads finished runs (pandas via mlflow.search_runs; runs tagged pruned are left out unless
---include-pruned), groups them by the config keys that vary among them (the swept keys), counts
-each seed once (a seed run twice keeps its latest run and is flagged in dup_seeds), and writes
-leaderboard.csv/.md (mean, std, 95 % Student-t interval and n over seeds), heatmaps (model x
-loss, model x filter) and a short summary. Rows are sorted by val/auroc, the objective sweeps
-optimize; test metrics are shown beside it, never used to rank.
+--include-pruned), groups them by the config keys that vary among them (the swept keys; never
+the seed or a run-control key such as sweep.*, tracking.*, hardware.*, resolved.precision:
+freqexp.tracking.RUN_CONTROL), counts each seed once (a seed run twice keeps its latest run and
+is flagged in dup_seeds), and writes leaderboard.csv/.md (mean, std, 95 % Student-t interval
+and n over seeds), heatmaps (model x loss, model x filter) and a short summary. Rows are sorted
+by val/auroc, the objective sweeps optimize; test metrics are shown beside it, never used to rank.
 
 Where a class key varies (dataset.normal_class, dataset.category or dataset.domain), also
 pivot.md/.tex/.csv: methods x classes, each cell the mean over seeds of --metric. With
@@ -22,13 +23,14 @@ from typing import List, Optional, Sequence
 import pandas as pd
 
 from freqexp.stats import CONFIDENCE, StatsError, lower_is_better, t_interval
+from freqexp.tracking import REPLICATE, RUN_CONTROL, defines_experiment
 
 METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/balanced_acc", "test/pixel_auroc",
            "train/throughput", "test/throughput"]
-# params that differ between runs without being an experimental choice
-NOT_SWEPT = {"seed", "tracking.uri", "tracking.experiment", "trainer.progress_bar", "data.root", "dataset.root",
-             "resolved.accelerator", "resolved.precision", "hardware.accelerator", "hardware.precision", "hardware.devices"}
-NOT_SWEPT_PREFIX = ("data.",)
+# params that never split a configuration: the seed and the run-control keys (freqexp.tracking's
+# one rule, shared with resume's config hash), as exact keys and as prefixes (for freqexp.benchmark)
+NOT_SWEPT = {REPLICATE, *RUN_CONTROL}
+NOT_SWEPT_PREFIX = tuple(f"{key}." for key in RUN_CONTROL)
 # the key that names the class / category / domain a run trained on, per dataset
 CLASS_KEYS = ("dataset.normal_class", "dataset.category", "dataset.domain")
 DEFAULT_METRIC = "test/auroc"  # of the pivot and of --significance
@@ -52,17 +54,18 @@ def existing_store(uri: str) -> str:
     """The store to read, which must exist: a report never creates an empty store (a typo in the
     path would otherwise read nothing and leave a new database behind)."""
     from freqexp.errors import ConfigError
-    from freqexp.tracking import check_reachable, sqlite_path
+    from freqexp.tracking import check_reachable, check_uri, sqlite_path
 
-    path = sqlite_path(uri)
-    if path is not None:
-        if not path.is_file():
-            raise ReportError(f"tracking.uri: no MLflow store at {path}; runs write to the tracking.uri they were given "
-                              "(default sqlite:///outputs/mlflow.db, relative to where they ran)")
-        return "sqlite:///" + str(path)
-    if "://" not in uri or uri.startswith("file:"):
-        raise ReportError(f"tracking.uri: {uri!r} is not a store URI; use sqlite:///PATH.db or an http(s):// or postgresql:// server")
     try:
+        kind = check_uri(uri, "tracking.uri")  # the form first: MLflow's own error never names the key
+        path = sqlite_path(uri)
+        if kind == "sqlite" and path is None:
+            raise ConfigError("tracking.uri", f"{uri!r} is an empty in-memory store; give the sqlite:///PATH.db the runs wrote to")
+        if path is not None:
+            if not path.is_file():
+                raise ConfigError("tracking.uri", f"no MLflow store at {path}; runs write to the tracking.uri they were given "
+                                  "(default sqlite:///outputs/mlflow.db, relative to where they ran)")
+            return "sqlite:///" + str(path)
         check_reachable(uri, "tracking.uri")
     except ConfigError as e:
         raise ReportError(str(e)) from None
@@ -91,18 +94,23 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
     tagged pruned too."""
     import mlflow
 
+    from freqexp.tracking import first_sentence
+
     uri = existing_store(uri)
     mlflow.set_tracking_uri(uri)
+    try:  # the first request: a file that is not a store, a database that refuses us
+        known = sorted(e.name for e in mlflow.search_experiments())
+    except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
+        raise ReportError(f"tracking.uri: {uri}: the store cannot be read ({first_sentence(e)})") from None
     try:  # runs left RUNNING by a process killed hard: KILLED, said in one line
         from freqexp.orphans import reap_store
 
         reap_store(uri, experiment)
     except Exception:  # noqa: BLE001 - a read-only store still gets its report
         pass
-    if experiment and mlflow.get_experiment_by_name(experiment) is None:
+    if experiment and experiment not in known:
         import difflib
 
-        known = sorted(e.name for e in mlflow.search_experiments())
         close = difflib.get_close_matches(experiment, known, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ReportError(f"--experiment: no experiment {experiment!r} in {uri}; {hint}experiments: {', '.join(known) or 'none'}")
@@ -120,9 +128,13 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
         return mlflow.search_runs(experiment_names=names, search_all_experiments=names is None, max_results=100000,
                                   filter_string=" and ".join([f"attributes.status = '{status}'"] + clauses))
 
-    df = search("FINISHED")
-    if include_pruned:
-        killed = search("KILLED")
+    try:
+        df = search("FINISHED")
+        killed = search("KILLED") if include_pruned else None
+    except Exception as e:  # noqa: BLE001 - a filter the search cannot parse
+        what = " ".join(list(filters) + ([f"--sweep-id {sweep_id}"] if sweep_id else [])) or uri
+        raise ReportError(f"{what}: the store refused the search ({first_sentence(e)})") from None
+    if killed is not None:
         killed = killed[pruned_mask(killed)]
         if not killed.empty:
             df = killed if df.empty else pd.concat([df, killed], ignore_index=True)
@@ -154,7 +166,7 @@ def swept_keys(df: pd.DataFrame) -> List[str]:
         if not col.startswith("params."):
             continue
         key = col[len("params."):]
-        if key in NOT_SWEPT or key.startswith(NOT_SWEPT_PREFIX):
+        if not defines_experiment(key):
             continue
         if df[col].fillna("∅").nunique() > 1:
             keys.append(key)
@@ -238,6 +250,33 @@ def seed_table(df: pd.DataFrame, keys: List[str]) -> tuple[pd.DataFrame, List[Re
     repeats = [Repeat(config_label({k: r[k] for k in keys}), str(r["_seed"]), int(runs_of_seed[i]), r["_run"])
                for i, r in work[keep & work["_repeated"]].iterrows()]
     return work[keep].drop(columns=["_start_time", "_end_time"]), repeats
+
+
+HARDWARE_PARAMS = ("resolved.accelerator", "resolved.precision")
+
+
+def mixed_hardware(df: pd.DataFrame, keys: List[str], runs: pd.DataFrame) -> Optional[str]:
+    """One note when a configuration counts runs made on different hardware (accelerator and
+    precision are run control, so they never split a row), else None. Runs that logged neither
+    param (older ones) are left out of the comparison."""
+    cols = [f"params.{p}" for p in HARDWARE_PARAMS if f"params.{p}" in df.columns]
+    if not cols:
+        return None
+    kept = df.loc[runs.index, cols].dropna(how="all")
+    if kept.empty:
+        return None
+    hardware = kept.fillna("?").astype(str)
+    label = hardware.agg(" ".join, axis=1)
+    config = runs.loc[kept.index, keys].astype(str).agg(", ".join, axis=1) if keys else pd.Series("all", index=kept.index)
+    kinds = label.groupby(config).nunique()
+    mixed = config.isin(kinds[kinds > 1].index)
+    if not mixed.any():
+        return None
+    seen = sorted(set(label[mixed]))
+    by = next((c for c in reversed(cols) if hardware.loc[mixed, c].nunique() > 1), cols[0])  # precision, else accelerator
+    return (f"freqexp.report: note: {int((kinds > 1).sum())} configuration(s) count runs made on different hardware "
+            f"({', '.join(seen)}) as one experiment; to compare them, filter, e.g. {by[len('params.'):]}="
+            f"{sorted(hardware.loc[mixed, by].unique())[0]} (docs/sweeps.md)")
 
 
 def leaderboard(df: pd.DataFrame, keys: List[str], runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -516,6 +555,9 @@ def write_report(df: pd.DataFrame, out: Path, metric: Optional[str] = None, sign
         if unseeded:
             print(f"freqexp.report: warning: {unseeded} run(s) without a seed param left out of --significance "
                   "(they cannot be paired)", file=sys.stderr)
+    note = mixed_hardware(df, keys, runs)
+    if note:
+        print(note, file=sys.stderr)
     for r in repeats[:MAX_WARNINGS]:
         print(r.warning(), file=sys.stderr)
     if len(repeats) > MAX_WARNINGS:

@@ -38,19 +38,14 @@ class RunResult:
 
 TIMING_FILE = "timing.json"  # in the run dir: each phase's seconds and the process's milestones (freqexp.timing)
 
-# Keys that do not change what a run computes: left out of the config hash that resume uses.
-NOT_HASHED = ("tracking", "sweep", "hardware")
-
-
 def config_hash(cfg: DictConfig) -> str:
+    """What resume matches a finished run by: the composed config less its run-control keys
+    (freqexp.tracking.RUN_CONTROL: the store, scheduling, hardware placement, caches)."""
     import hashlib
 
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_HASHED:
-        container.pop(key, None)
-    container.get("trainer", {}).pop("progress_bar", None)
-    for key in ("cache", "cache_dir"):  # where the images live does not change what is computed
-        container.get("dataset", {}).pop(key, None)
+    from freqexp.tracking import without_run_control
+
+    container = without_run_control(OmegaConf.to_container(cfg, resolve=True))
     return hashlib.sha1(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -120,9 +115,9 @@ def group_choices() -> dict:
     return {g: str(choices[g]) for g in CHOICE_GROUPS if choices.get(g) is not None}
 
 
-# overrides that a run name leaves out: they are in the name already, or change nothing computed
-NAME_SKIPS = ("model", "loss", "filter", "dataset", "seed", "tracking", "hardware", "trainer.progress_bar", "sweep",
-              "dataset.normal_class", "dataset.category", "dataset.domain", "+sweep", "hydra")
+# overrides that a run name leaves out: they are in the name already (or Hydra's); run-control
+# keys (freqexp.tracking.is_run_control) change nothing computed and are left out too
+NAME_SKIPS = ("model", "loss", "filter", "dataset", "seed", "hydra")
 
 
 def dataset_label(cfg) -> str:
@@ -139,6 +134,8 @@ def dataset_label(cfg) -> str:
 def run_label(cfg, overrides: Optional[list] = None, limit: int = 120) -> str:
     """A run name that says what ran, model first: `cae · mse+ssim · bhpf · fashion_mnist[0] · s0`,
     then any other override of the command (`trainer.max_epochs=3`), cut to `limit` characters."""
+    from freqexp.tracking import is_run_control
+
     choices = group_choices()
     parts = [str(cfg.model.name), str(cfg.loss.spec), choices.get("filter", str(cfg.filter.name)), dataset_label(cfg), f"s{cfg.seed}"]
     if choices.get("augment") not in (None, "none"):
@@ -146,7 +143,7 @@ def run_label(cfg, overrides: Optional[list] = None, limit: int = 120) -> str:
     extra = []
     for item in overrides or []:
         key = item.split("=", 1)[0].lstrip("+~")
-        if not any(key == s or key.startswith(s + ".") for s in NAME_SKIPS):
+        if not (is_run_control(key) or any(key == s or key.startswith(s + ".") for s in NAME_SKIPS)):
             extra.append(item.lstrip("+"))
     name = " · ".join(parts + extra)
     return name if len(name) <= limit else name[: limit - 1] + "…"

@@ -35,19 +35,71 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return path if path.is_absolute() else Path.cwd() / path
 
 
-def resolve_uri(uri: str) -> str:
-    """Make a relative sqlite path absolute (relative to the current directory) and create its
-    folder; other URIs pass through. The file store is refused: it raises in mlflow 3."""
-    if not isinstance(uri, str) or not uri:
-        raise ConfigError("tracking.uri", "must be a URI such as sqlite:///outputs/mlflow.db or http://host:5000")
-    if uri.startswith("sqlite:///"):
-        p = sqlite_path(uri)
-        if p is not None:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            return "sqlite:///" + str(p)
-        return uri
+# What MLflow 3 takes as a tracking store, as the one line a refused URI ends with. MLflow's
+# own error for an unknown scheme is a 430-character registry message that never names the key;
+# a file store (a path, file://) raises in mlflow 3 (its file backend is in maintenance mode).
+URI_FORMS = "sqlite:///PATH.db, http(s)://HOST[:PORT], postgresql://, mysql://, mssql:// or databricks[://PROFILE]"
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # also with a driver: postgresql+psycopg2://
+
+
+def _plugin_schemes() -> set:
+    """Schemes that installed MLflow plugins register as tracking stores (entry points)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    except Exception:  # noqa: BLE001 - broken metadata: no plugins
+        return set()
+
+
+def check_uri(uri: Any, key: str = "tracking.uri") -> str:
+    """The URI's kind (sqlite, http, https, postgresql, mysql, mssql, databricks or a plugin's
+    scheme) when MLflow 3 takes it as a tracking store; else ConfigError naming `key`, the value
+    and the accepted forms. Only the text is read: nothing is opened or created."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(uri, str) or not uri.strip():
+        raise ConfigError(key, f"must be a URI; got {uri!r}; use {URI_FORMS}")
+    if uri == "databricks" or uri.startswith("databricks://"):
+        return "databricks"
     if "://" not in uri or uri.startswith("file:"):
-        raise ConfigError("tracking.uri", f"{uri!r} is a file store, which mlflow 3 rejects; use sqlite:///PATH.db (or an http(s):// or postgresql:// server)")
+        raise ConfigError(key, f"{uri!r} is a file path, MLflow's file store, which mlflow 3 refuses; use {URI_FORMS}")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower().split("+")[0]
+    if scheme == "sqlite":
+        if uri == "sqlite:///:memory:":
+            return scheme
+        if not uri.startswith("sqlite:///") or not uri[len("sqlite:///"):].strip("/"):
+            raise ConfigError(key, f"{uri!r}: a sqlite store is sqlite:/// and a file path (sqlite:///outputs/mlflow.db, "
+                                   "sqlite:////abs/mlflow.db)")
+        return scheme
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ConfigError(key, f"{uri!r} names no host; an MLflow server is {scheme}://HOST[:PORT]")
+        return scheme
+    if scheme in DATABASE_SCHEMES:
+        return scheme
+    if parts.scheme and parts.scheme in _plugin_schemes():
+        return parts.scheme
+    raise ConfigError(key, f"{uri!r}: unknown scheme {parts.scheme!r}; use {URI_FORMS}")
+
+
+def resolve_uri(uri: str) -> str:
+    """Check the URI's form (check_uri), make a relative sqlite path absolute (relative to the
+    current directory) and create its folder; a server that does not answer fails now
+    (check_reachable); other URIs pass through."""
+    kind = check_uri(uri, "tracking.uri")
+    if kind == "sqlite":
+        p = sqlite_path(uri)
+        if p is None:  # in memory
+            return uri
+        if p.is_dir():
+            raise ConfigError("tracking.uri", f"{uri!r} is a folder; give the database file, e.g. sqlite:///{p / 'mlflow.db'}")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("tracking.uri", f"cannot create {p.parent} for the store ({e.strerror or e})") from None
+        return "sqlite:///" + str(p)
     check_reachable(uri, "tracking.uri")
     return uri
 
@@ -80,6 +132,48 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
             out.update(flatten(value, name + "."))
         else:
             out[name] = str(value)
+    return out
+
+
+# --- what defines an experiment -------------------------------------------------------------
+# A run's params are its flattened composed config plus what it resolved on the machine. Every
+# key defines the experiment (what is computed) except the replicate, `seed`, and these run-control
+# keys (each a key or a prefix of keys): how, where and with what bookkeeping a run ran. Two runs
+# that differ only in them are the same experiment: resume's config hash (freqexp.run.config_hash)
+# leaves them out and the report (freqexp.report) never splits a configuration on them.
+# Precision is here on purpose: docs/sweeps.md#what-defines-a-configuration says why, and how to compare it.
+RUN_CONTROL = (
+    "tracking",                             # the store, the experiment name, which figures are drawn
+    "sweep",                                # resume, workers, heartbeat, objective, pruner: how jobs are scheduled
+    "hardware", "choice.hardware",          # accelerator, precision, device_index (a sweep's GPU slot)
+    "trainer.progress_bar",                 # what the terminal shows
+    "dataset.cache", "dataset.cache_dir",   # where decoded images are kept
+    "resolved.accelerator", "resolved.precision", "resolved.cpu_threads",  # what the machine gave
+    "data",                                 # what was read: data.root (where the files were found) and the
+                                            # split counts, which follow the dataset.* keys
+)
+REPLICATE = "seed"  # a leaderboard row averages over it
+
+
+def is_run_control(key: str) -> bool:
+    """True for a dotted param key that is, or lies under, a RUN_CONTROL key."""
+    return any(key == k or key.startswith(k + ".") for k in RUN_CONTROL)
+
+
+def defines_experiment(key: str) -> bool:
+    """True for a param that tells two experiments apart: neither run control nor the seed."""
+    return key != REPLICATE and not is_run_control(key)
+
+
+def without_run_control(container: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A composed config (plain nested dicts) less its run-control keys, seed kept: what a
+    rerun must match (resume's config hash). A new dict; the input is left as it is."""
+    out: Dict[str, Any] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if is_run_control(name):
+            continue
+        out[key] = without_run_control(value, name + ".") if isinstance(value, Mapping) else value
     return out
 
 
@@ -208,13 +302,29 @@ def store_lock(uri: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def first_sentence(e: BaseException, limit: int = 200) -> str:
+    """The opening of an error message, on one line: MLflow's run to a screenful."""
+    import re
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.split(r"\. | \[SQL: | \(Background on ", text)[0]  # SQLAlchemy appends the statement and a link
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
+        if self.uri.startswith("sqlite:///"):
+            # the store's code is imported before the lock is taken (seconds on a slow host): the lock
+            # serializes only the store's creation and migration, not every sweep worker's imports
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         with store_lock(self.uri):  # the client creates (and migrates) the store
-            self.client = MlflowClient(tracking_uri=self.uri)
+            try:
+                self.client = MlflowClient(tracking_uri=self.uri)
+            except Exception as e:  # noqa: BLE001 - not a database, a schema newer than this MLflow, ...
+                raise ConfigError("tracking.uri", f"{self.uri}: the store cannot be opened ({first_sentence(e)})") from None
             self.experiment_id = self._experiment(experiment)
         self.run_id: Optional[str] = None
 
@@ -228,7 +338,10 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError("tracking.experiment", f"must be a non-empty name; got {name!r}")
-        exp = self.client.get_experiment_by_name(name)
+        try:  # the store's first request: a server or database that refuses us is one line naming the key
+            exp = self.client.get_experiment_by_name(name)
+        except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
+            raise ConfigError("tracking.uri", f"{self.uri}: the store cannot be read ({first_sentence(e)})") from None
         if exp is None:
             try:
                 return self.client.create_experiment(name, artifact_location=self._artifact_root(name), tags=experiment_ui_tags())

@@ -2,6 +2,7 @@
 filters, files written."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pandas as pd
@@ -103,3 +104,106 @@ def test_report_takes_tracking_uri_like_a_run_says_what_it_read_and_never_create
     # an experiment that is not there: a did-you-mean, exit 2
     assert report_main(["--uri", uri, "--experiment", "gird", "--out", str(tmp_path / "d")]) == 2
     assert "did you mean grid" in capsys.readouterr().err
+
+
+# -- what defines a configuration: run-control keys never split a row (issue 20) ---------------
+
+@functools.lru_cache(maxsize=None)
+def composed_params(overrides: tuple) -> dict:
+    from omegaconf import OmegaConf
+
+    from freqexp.tracking import flatten
+    from tests.conftest import compose_cfg
+
+    return flatten(OmegaConf.to_container(compose_cfg(list(overrides)), resolve=True))
+
+
+def realistic_params(model: str, seed: int, *overrides: str) -> dict:
+    """The params a run of `python -m freqexp dataset=synthetic model=<model> seed=<seed>` logs:
+    the flattened composed config plus what freqexp.run.execute adds (choices, resolved, data)."""
+    params = dict(composed_params(("dataset=synthetic", f"model={model}", f"seed={seed}", *overrides)))
+    params.update({f"choice.{g}": v for g, v in {"model": model, "loss": "mse+ssim", "filter": "none", "augment": "none",
+                                                  "dataset": "synthetic", "optim": "default", "hardware": "auto"}.items()})
+    params.update({"resolved.score": "mean of the anomaly map", "resolved.accelerator": "cpu", "resolved.precision": "32-true",
+                   "resolved.cpu_threads": "2", "model.n_params": {"ae": "1190176", "cae": "575585"}[model],
+                   "data.train_normal": "216", "data.val_normal": "24", "data.val_anomalous": "24"})
+    return params
+
+
+def log_run(client, exp, params: dict, val: float, sweep_id: str) -> None:
+    run = client.create_run(exp, tags={"sweep_id": sweep_id})
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    client.log_batch(run.info.run_id, metrics=[Metric("val/auroc", val, 0, 0), Metric("test/auroc", val - 0.05, 0, 0)])
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_run_control_keys_never_split_a_configuration(tmp_path, capsys):
+    """A grid (model=ae,cae seed=0,1) run twice, the second time with sweep.resume=false and every
+    run-control key changed (another store path, figures, progress bar, GPU placement, precision,
+    thread count, data location, image cache): two rows of two seeds, each seed counted once and
+    flagged. Before, sweep.resume alone split it into four rows."""
+    from freqexp.tracking import is_run_control
+
+    # the keys the issue names are run control (a typo in RUN_CONTROL would make this test vacuous)
+    named = ["sweep.resume", "sweep.workers", "tracking.uri", "tracking.experiment", "tracking.figures", "tracking.figures_best",
+             "trainer.progress_bar", "hardware.device_index", "hardware.precision", "hardware.accelerator", "choice.hardware",
+             "resolved.cpu_threads", "resolved.accelerator", "resolved.precision", "data.root", "dataset.cache_dir"]
+    assert all(is_run_control(k) for k in named)
+    assert not any(is_run_control(k) for k in ("seed", "model.name", "trainer.max_epochs", "dataset.root", "datasets.x", "trackings"))
+
+    uri = f"sqlite:///{tmp_path / 'r.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("grid")
+    val = {"ae": 0.78, "cae": 0.76}
+    for model, seed in itertools.product(("ae", "cae"), (0, 1)):
+        log_run(client, exp, realistic_params(model, seed, "tracking.uri=sqlite:///outputs/mlflow.db"), val[model] + 0.01 * seed, "first")
+    for model, seed in itertools.product(("ae", "cae"), (0, 1)):
+        rerun = realistic_params(model, seed, "sweep.resume=false", "tracking.figures=best", "trainer.progress_bar=false",
+                                 "hardware=gpu", "hardware.device_index=1", "tracking.uri=sqlite:////elsewhere/mlflow.db",
+                                 "dataset.cache_dir=/scratch/cache", "sweep.workers=4")
+        changed = sorted(k for k in rerun if is_run_control(k) and rerun[k] != realistic_params(model, seed)[k])
+        rerun.update({"choice.hardware": "gpu", "resolved.accelerator": "gpu", "resolved.precision": "16-mixed",
+                      "data.root": "/scratch/synthetic"})
+        if seed == 1:
+            del rerun["resolved.cpu_threads"]  # a run logged before the param existed
+        else:
+            rerun["resolved.cpu_threads"] = "16"
+        log_run(client, exp, rerun, val[model] + 0.01 * seed + 0.002, "second")
+    assert len(changed) >= 8  # the rerun really differs in run-control params
+
+    assert report_main(["--uri", uri, "--out", str(tmp_path / "rep")]) == 0
+    captured = capsys.readouterr()
+    board = pd.read_csv(tmp_path / "rep" / "leaderboard.csv", dtype={"dup_seeds": str})
+    assert list(board["choice.model"]) == ["ae", "cae"]
+    assert [c for c in board.columns if not c.startswith(("val/", "test/"))] == ["choice.model", "n", "dup_seeds"]
+    assert list(board["n"]) == [2, 2]  # each seed once
+    assert list(board["dup_seeds"]) == ["0,1", "0,1"]  # the repeated seeds are still flagged
+    assert board["val/auroc mean"].iloc[0] == pytest.approx(0.787)  # the latest run of each seed: (0.782 + 0.792) / 2
+    assert "8 finished runs in 2 configurations (swept: choice.model)" in captured.out
+    assert captured.err.count("has 2 finished runs; counted once") == 4
+    assert "different hardware" not in captured.err  # what is counted (the latest run of each seed) all ran on the GPU
+
+
+def test_keys_that_define_the_experiment_still_split(tmp_path, capsys):
+    """Controls: the budget (trainer.max_epochs) is the experiment and splits; a rerun with other
+    run-control keys does not; seeds of one configuration made on different hardware are counted
+    together, and the report says so in one note."""
+    uri = f"sqlite:///{tmp_path / 'r.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("grid")
+    for seed in (0, 1):
+        log_run(client, exp, realistic_params("ae", seed), 0.7, "a")
+        log_run(client, exp, realistic_params("ae", seed, "trainer.max_epochs=2"), 0.8, "a")
+        log_run(client, exp, realistic_params("ae", seed, "hardware=cpu", "tracking.figures=none"), 0.7, "b")
+    on_gpu = realistic_params("ae", 2, "trainer.max_epochs=2", "hardware=gpu")
+    on_gpu.update({"choice.hardware": "gpu", "resolved.accelerator": "gpu", "resolved.precision": "16-mixed"})
+    log_run(client, exp, on_gpu, 0.8, "c")
+    assert report_main(["--uri", uri, "--out", str(tmp_path / "rep")]) == 0
+    board = pd.read_csv(tmp_path / "rep" / "leaderboard.csv", dtype={"dup_seeds": str})
+    assert list(board["trainer.max_epochs"]) == [2, 20] and list(board["n"]) == [3, 2]
+    assert list(board["dup_seeds"].fillna("")) == ["", "0,1"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "different hardware" in line]
+    assert len(notes) == 1 and "1 configuration(s)" in notes[0] and "cpu 32-true, gpu 16-mixed" in notes[0], notes
+    assert "resolved.precision=" in notes[0]

@@ -58,3 +58,47 @@ def test_relative_sqlite_uri_resolves_under_cwd_and_file_store_is_refused(tmp_pa
 
 def test_flatten_gives_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "x"}
+
+
+def test_one_rule_for_what_defines_an_experiment_resume_hash_and_report_agree():
+    """freqexp.tracking.RUN_CONTROL is the one list: the config less those keys hashes exactly as
+    resume's config_hash does (so stored hashes stay valid), run-control overrides leave it alone,
+    and an experiment key changes it."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    from freqexp.run import config_hash
+    from freqexp.tracking import defines_experiment, is_run_control, without_run_control
+    from tests.conftest import compose_cfg
+
+    def rule_hash(cfg):
+        container = without_run_control(OmegaConf.to_container(cfg, resolve=True))
+        return hashlib.sha1(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    base = compose_cfg(["dataset=synthetic", "model=ae"])
+    rerun = compose_cfg(["dataset=synthetic", "model=ae", "sweep.resume=false", "sweep.workers=4", "tracking.figures=none",
+                         "tracking.uri=sqlite:////elsewhere.db", "tracking.experiment=other", "trainer.progress_bar=false",
+                         "hardware=gpu", "hardware.device_index=3", "dataset.cache=memmap", "dataset.cache_dir=/scratch"])
+    other = compose_cfg(["dataset=synthetic", "model=ae", "trainer.max_epochs=3"])
+    for cfg in (base, rerun, other, compose_cfg([]), compose_cfg(["model=draem", "filter=fair"])):
+        assert rule_hash(cfg) == config_hash(cfg)
+    assert config_hash(base) == config_hash(rerun) != config_hash(other)
+    params = flatten(OmegaConf.to_container(rerun, resolve=True))
+    assert {k for k in params if is_run_control(k)} >= {"sweep.resume", "tracking.figures", "hardware.device_index", "dataset.cache_dir"}
+    assert not defines_experiment("seed") and defines_experiment("trainer.max_epochs") and defines_experiment("dataset.root")
+
+
+def test_job_directories_leave_out_only_run_control_keys():
+    """A sweep job's directory name (Hydra's override_dirname) skips the keys that change nothing
+    computed: every key it skips is run control by the one rule reports and resume use."""
+    from hydra import compose, initialize_config_module
+
+    from freqexp.tracking import is_run_control
+
+    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    skipped = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert skipped and all(is_run_control(k) for k in skipped), [k for k in skipped if not is_run_control(k)]
+    assert not any(is_run_control(k) for k in ("model", "loss", "dataset.normal_class", "trainer.max_epochs", "seed"))
