@@ -13,7 +13,9 @@ features are extracted once; every bank is built from them, so fit time = that e
 + nearest-neighbour search + upsampling) over the test images. AUROC is on the (limited) test
 split with each model's published image score (score.reduction=auto) and with the mean of the
 map. Ratios are
-against the 100 % bank of the same model, measured in this process.
+against the 100 % bank of the same model, measured in this process. The models run as
+configured (model.precision: auto by default); benchmarks/memory_bank_speed.py compares that
+fast path with the code before it, at 224 px.
 """
 from __future__ import annotations
 

@@ -87,10 +87,10 @@ B="$REPO/benchmarks"
 # GPU_CHECK_QUICK=1: tiny budgets, to rehearse every step on a CPU in a few minutes
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   T=(--limit 512 --epochs 2 --repeats 1); T2=(--limit 512 --epochs 2 --repeats 1); R=(--runs 2 trainer.max_epochs=1 dataset.limit_train=500)
-  M=(--limit-train 4 --limit-test 20 --ratios 1.0 0.1 --no-baselines ++model.input_size=64 ++model.center_crop=null)
+  M=(--limit-train 20 --limit-test 40 ++model.input_size=64)
   S=(--packings 1 2 --classes 0 --epochs 1 dataset.limit_train=300); F=(); P=(-x)
 else
-  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--limit-train 300 --limit-test 500 --ratios 1.0 0.1 0.01 --no-baselines)
+  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--quick)
   S=(--packings 1 4 8 --classes ${GPU_CHECK_CLASSES:-0,1,2,3} --epochs ${GPU_CHECK_EPOCHS:-10}); F=(); P=()
 fi
 step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 100 14 \
@@ -101,15 +101,16 @@ step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 
   "$PY" "$B/run_breakdown.py" "${R[@]}" "$HW"
 step "2b. What the start-up imports cost, by package" 60 16 \
   "$PY" "$B/import_time.py" $([ "$HW" = hardware=gpu ] && echo --cuda)
-step "4. Memory banks at 224 px (300 train / 500 test images)" 150 30 \
-  "$PY" "$B/coreset.py" "${M[@]}" "$HW"
+step "4. Memory banks at 224 px: the fast path against the fp32 path before it (300 train / 500 test images)" 170 60 \
+  "$PY" "$B/memory_bank_speed.py" "${M[@]}" "$HW"
 step "3. A grid at jobs_per_device 1, 4, 8 (ae, cae, vae x classes ${GPU_CHECK_CLASSES:-0,1,2,3}, ${GPU_CHECK_EPOCHS:-10} epochs)" 200 14 \
   "$PY" "$B/sweep_jobs.py" "${S[@]}" "$HW"
 step "5. Batched filters vs a per-image numpy loop" 45 10 \
   "$PY" "$B/filters.py" "${F[@]}" --device "$([ "$HW" = hardware=gpu ] && echo cuda || echo cpu)"
 step "6. CUDA tests (16-mixed training of every model, memory-bank and MemAE CUDA paths)" 150 8 \
   "$PY" -m pytest -q -p no:cacheprovider "${P[@]}" --rootdir "$REPO" -k "cuda" "$REPO/tests/test_model_zoo.py" \
-  "$REPO/tests/test_models_memae.py" "$REPO/tests/test_config.py" "$REPO/tests/test_data_cache.py" "$REPO/tests/test_training_step.py"
+  "$REPO/tests/test_models_memae.py" "$REPO/tests/test_config.py" "$REPO/tests/test_data_cache.py" "$REPO/tests/test_training_step.py" \
+  "$REPO/tests/test_memory_bank_speed_paths.py" "$REPO/tests/test_models_memory_bank.py"
 
 echo >>"$FIG"
 echo "$failed step(s) failed or were skipped; full log: $LOG" >>"$FIG"

@@ -285,21 +285,6 @@ def test_wedge_image_score_is_the_max_of_the_smoothed_map_at_the_backbone_size()
         assert float(scores[i]) == pytest.approx(ndimage.gaussian_filter(up.double().numpy(), sigma=4).max(), rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- default image scores
-@pytest.mark.parametrize("model,expected", [
-    ("cae", "mean"), ("vae", "mean"), ("memae", "mean"), ("ganomaly", "mean"), ("ddpm", "mean"),
-    ("draem", "max of the 3x3 mean-pooled"), ("patchcore", "re-weighted by its 9 bank neighbours"),
-    ("wedge", "max of the sigma-4 smoothed"),
-])
-def test_each_models_default_image_score_is_its_papers(model, expected):
-    from freqexp.validate import make_plan
-
-    cfg = compose_cfg([f"model={model}", "dataset=synthetic", "hardware=cpu"]
-                      + (["model.backbone.arch=resnet18", "model.input_size=64"] if model in ("patchcore", "wedge") else []))
-    assert cfg.score.reduction == "auto"
-    assert make_plan(cfg).model.score_description().startswith(expected) or expected in make_plan(cfg).model.score_description()
-
-
 def test_auto_score_of_a_reconstruction_model_is_the_mean_squared_error():
     from freqexp.training import build_module
     from freqexp.validate import make_plan
@@ -355,7 +340,7 @@ def test_apply_to_both_is_refused_where_the_objective_uses_the_target_itself(mod
 
 # ----------------------------------------------------------------------------- recipes
 @pytest.mark.parametrize("model,loss,augment,optim", [
-    ("draem", "mse+ssim", "cutpaste", dict(name="adam", lr=1e-4, weight_decay=0.0, scheduler="multistep")),
+    ("draem", "mse+ssim", "perlin", dict(name="adam", lr=1e-4, weight_decay=0.0, scheduler="multistep")),
     ("ganomaly", "l1", "none", dict(name="adam", lr=2e-4, betas=[0.5, 0.999], weight_decay=0.0, scheduler="none")),
     ("memae", "mse", "none", dict(name="adam", lr=1e-4, weight_decay=0.0, scheduler="none")),
     ("ddpm", "mse", "none", dict(name="adamw", lr=1e-3, scheduler="cosine")),

@@ -121,13 +121,19 @@ def test_greedy_coreset_matches_numpy_and_covers_better_than_random():
     assert covering_radius(points.numpy(), chosen) < min(random_radii)
 
 
-def test_nearest_distance_matches_brute_force_across_chunks(monkeypatch):
-    monkeypatch.setattr(mb, "QUERY_CHUNK", 7)
-    monkeypatch.setattr(mb, "BANK_CHUNK", 11)
+@pytest.mark.parametrize("search", ["fp32", "bf16"])
+@pytest.mark.parametrize("k, query_chunk, bank_chunk", [(1, 7, 11), (1, 7, 32), (3, 7, 11), (1, None, None)])
+def test_nearest_k_matches_brute_force_across_chunks(search, k, query_chunk, bank_chunk):
+    from freqexp.models.bank_search import BankIndex, nearest_k
+
     gen = torch.Generator().manual_seed(1)
-    queries, bank = torch.randn(40, 5, generator=gen), torch.randn(50, 5, generator=gen)
-    expected = np.sqrt(((queries.numpy()[:, None] - bank.numpy()[None]) ** 2).sum(-1)).min(1)
-    np.testing.assert_allclose(nearest_distance(queries, bank).numpy(), expected, rtol=1e-5, atol=1e-5)
+    queries, bank = torch.randn(40, 5, generator=gen), torch.randn(50, 5, generator=gen)  # 50 = 3 groups of 16 + a tail of 2
+    d = np.sqrt(((queries.double().numpy()[:, None] - bank.double().numpy()[None]) ** 2).sum(-1))
+    expected_i = np.argsort(d, 1, kind="stable")[:, :k]
+    got_d, got_i = nearest_k(queries, bank, k, BankIndex(bank, search), query_chunk=query_chunk, bank_chunk=bank_chunk)
+    np.testing.assert_allclose(got_d.numpy(), np.take_along_axis(d, expected_i, 1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_i.numpy(), expected_i)
+    np.testing.assert_allclose(nearest_distance(queries, bank).numpy(), d.min(1), rtol=1e-6, atol=1e-6)
 
 
 def test_patch_scores_are_nearest_bank_distances_upsampled():

@@ -73,7 +73,7 @@ def test_draem_cutpaste_pseudo_val_is_refused():
     for hint in ("augment=cutpaste", "dataset.pseudo_same_as_train=true", "scaled_cutpaste", "freq_cutpaste"):
         assert hint in e.message
     # the suggestions are ones that would be accepted (cutpaste itself is not among them)
-    assert "pseudo_generator=freq_cutpaste | scaled_cutpaste" in e.message
+    assert "pseudo_generator=freq_cutpaste | perlin | scaled_cutpaste" in e.message
 
 
 def test_autoencoder_trained_with_cutpaste_is_refused_too():

@@ -45,3 +45,32 @@ class FlipRot(nn.Module):
 
     def forward(self, x):
         return x, x
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each image [B,C,H,W] rotated by its own angle (degrees [B]) about the image centre,
+    bilinear, the uncovered corners filled with 0: imgaug's Affine(rotate=...) with its defaults
+    (order 1, constant mode, cval 0), as DRAEM's data loader uses it. The rotation is done in
+    pixel space, so non-square images are rotated, not sheared."""
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    rad = degrees.to(device=x.device, dtype=torch.float32) * (torch.pi / 180)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    # output pixel -> input pixel, in grid_sample's normalised coordinates (x spans W, y spans H)
+    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], -1),
+                         torch.stack([sin * w / h, cos, torch.zeros_like(cos)], -1)], 1)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
+
+
+def random_rotation(x: torch.Tensor, p: float, max_degrees: float) -> torch.Tensor:
+    """A fraction p of the batch (each image with probability p) rotated by an angle drawn
+    uniformly from [-max_degrees, max_degrees]; the rest unchanged. DRAEM rotates 30 % of its
+    training images by up to 90 degrees (train target included)."""
+    if p <= 0:
+        return x
+    b = x.shape[0]
+    degrees = (2 * torch.rand(b, device=x.device) - 1) * max_degrees
+    chosen = (torch.rand(b, 1, 1, 1, device=x.device) < p)
+    return torch.where(chosen, rotate(x, degrees), x)

@@ -68,27 +68,32 @@ def gaussian_window(win_size: int, sigma: float, device=None) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
-    """Mean structural similarity with a Gaussian window (valid convolution, per channel),
-    computed in fp32 with autocast off so it stays accurate under mixed precision."""
+def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 7, sigma: float = 1.5, data_range: float = 1.0,
+         padding: str = "valid") -> torch.Tensor:
+    """Mean structural similarity with a Gaussian window (per channel), computed in fp32 with
+    autocast off so it stays accurate under mixed precision. padding: `valid` (the window only
+    where it fits) or `zero` (the image zero-padded by win_size // 2, a map the image's size:
+    DRAEM's loss.py)."""
     with torch.autocast(x.device.type, enabled=False):
-        return _ssim_fp32(x.float(), y.float(), win_size, sigma, data_range)
+        return _ssim_fp32(x.float(), y.float(), win_size, sigma, data_range, padding)
 
 
-def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float) -> torch.Tensor:
-    ssim_map, _ = ssim_and_cs_maps(x, y, gaussian_window(win_size, sigma, x.device), data_range)
+def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float, padding: str = "valid") -> torch.Tensor:
+    pad = win_size // 2 if padding == "zero" else 0
+    ssim_map, _ = ssim_and_cs_maps(x, y, gaussian_window(win_size, sigma, x.device), data_range, pad)
     return ssim_map.mean()
 
 
-def ssim_and_cs_maps(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float = 1.0):
-    """(SSIM map, contrast-structure map), [B, C, H-w+1, W-w+1] each: a separable Gaussian window
-    applied per channel without padding (valid convolution). Shared by ssim and ms_ssim."""
+def ssim_and_cs_maps(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float = 1.0, pad: int = 0):
+    """(SSIM map, contrast-structure map), [B, C, H-w+1+2pad, W-w+1+2pad] each: a separable
+    Gaussian window applied per channel, with `pad` zero pixels around the image (0: valid
+    convolution). Shared by ssim and ms_ssim."""
     channels, win = x.shape[1], window.numel()
     kh = window.view(1, 1, win, 1).repeat(channels, 1, 1, 1)
     kw = window.view(1, 1, 1, win).repeat(channels, 1, 1, 1)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, kh, groups=channels), kw, groups=channels)
+        return F.conv2d(F.conv2d(t, kh, padding=(pad, 0), groups=channels), kw, padding=(0, pad), groups=channels)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_x, mu_y = blur(x), blur(y)
@@ -99,19 +104,24 @@ def ssim_and_cs_maps(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, dat
     return (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map, cs_map
 
 
+SSIM_PADDINGS = ("valid", "zero")
+
+
 @LOSS_TERMS.register("ssim")
 class SSIMLoss(LossTerm):
-    """1 - SSIM. The default 7-px window fits 28 px images (Fashion-MNIST)."""
+    """1 - SSIM. The default 7-px window without padding fits 28 px images (Fashion-MNIST);
+    `padding: zero` averages a map the image's size over the zero-padded image (DRAEM's SSIM,
+    with win_size 11), which works at any size."""
 
-    defaults = {"win_size": 7, "sigma": 1.5}
+    defaults = {"win_size": 7, "sigma": 1.5, "padding": "valid"}
 
-    def __init__(self, win_size: int = 7, sigma: float = 1.5):
+    def __init__(self, win_size: int = 7, sigma: float = 1.5, padding: str = "valid"):
         super().__init__()
-        self.win_size, self.sigma = int(win_size), float(sigma)
+        self.win_size, self.sigma, self.padding = int(win_size), float(sigma), padding
 
     @staticmethod
     def min_size(params):
-        return int(params["win_size"])
+        return 1 if params.get("padding") == "zero" else int(params["win_size"])
 
     @staticmethod
     def check(params):
@@ -121,10 +131,12 @@ class SSIMLoss(LossTerm):
             problems["win_size"] = f"must be an odd integer >= 3, got {w}"
         if not positive_number(params["sigma"]):
             problems["sigma"] = f"must be > 0, got {params['sigma']}"
+        if params.get("padding") not in SSIM_PADDINGS:
+            problems["padding"] = f"must be one of {', '.join(SSIM_PADDINGS)}, got {params.get('padding')!r}"
         return problems
 
     def forward(self, pred, target):
-        return 1.0 - ssim(pred, target, self.win_size, self.sigma)
+        return 1.0 - ssim(pred, target, self.win_size, self.sigma, padding=self.padding)
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

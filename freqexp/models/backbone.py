@@ -21,6 +21,7 @@ normalization, and the outputs of the named layers.
 Layers after the last one used are dropped, so they cost neither time nor space in model.pt."""
 from __future__ import annotations
 
+import copy
 import http.client
 import logging
 import os
@@ -330,10 +331,47 @@ def crop_box(height: int, width: int, fraction: Optional[float]) -> tuple[int, i
     return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0)), ch, cw
 
 
+def fold_batch_norm(net: ResNet) -> ResNet:
+    """An inference copy of `net` with every BatchNorm folded into the convolution before it. In
+    eval mode a BatchNorm is the affine map y = (x - mean) / sqrt(var + eps) * gamma + beta, so
+    conv then BN is one convolution with weights w * s and bias beta - mean * s (s = gamma /
+    sqrt(var + eps), folded in fp64): the same features without a pass over every activation
+    (equal up to fp32 rounding, tested)."""
+    fused = copy.deepcopy(net).eval()
+
+    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        conv.weight = nn.Parameter((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
+        shift = bn.bias.double() - bn.running_mean.double() * scale
+        conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+
+    fold(fused.conv1, fused.bn1)
+    fused.bn1 = nn.Identity()
+    for name in LAYERS:
+        for block in getattr(fused, name, ()):
+            for i in (1, 2, 3):
+                if hasattr(block, f"bn{i}"):
+                    fold(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                    setattr(block, f"bn{i}", nn.Identity())
+            if block.downsample is not None:
+                fold(block.downsample[0], block.downsample[1])
+                block.downsample[1] = nn.Identity()
+    return fused.requires_grad_(False)
+
+
+def autocast_to(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` (bf16 / fp16), or autocast off (fp32) when dtype is None, whatever
+    context the caller runs in (Lightning's 16-mixed included)."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 class FeatureExtractor(nn.Module):
     """Images in [0, 1] -> {layer name: feature map}, through a frozen ResNet in eval mode.
-    Runs in fp32 with autocast off, so the bank (built under the trainer's mixed precision)
-    and the test features (scored in fp32) are computed the same way."""
+    Runs in fp32 with autocast off unless given a dtype to autocast to (the memory banks'
+    `precision: bf16 | fp16`), so the bank (built under the trainer's mixed precision) and the
+    test features are computed the same way. `fast=True` runs an inference copy of the network
+    (BatchNorm folded into the convolutions; NHWC, the layout cuDNN's tensor-core and oneDNN's
+    kernels prefer), which rounds differently only in the last bits."""
 
     def __init__(self, in_shape: tuple[int, int, int], layers: Sequence[str], backbone: Any = None, input_size: Any = None,
                  center_crop: Any = None):
@@ -372,6 +410,22 @@ class FeatureExtractor(nn.Module):
         h, w = self.input_size or tuple(image_size or self.image_size)
         return crop_box(h, w, self.center_crop)[2:]
 
+    def activation_bytes(self, image_size: Optional[Sequence[int]] = None, dtype_bytes: int = 4) -> int:
+        """An upper estimate of the memory one image takes while the ResNet runs without
+        gradients: four of its largest activations alive at once plus the kept stage outputs."""
+        h, w = self.backbone_size(image_size)
+        h, w = (h + 1) // 2, (w + 1) // 2  # conv1
+        largest, kept = 64 * h * w, 0
+        h, w = (h + 1) // 2, (w + 1) // 2  # the max pool
+        for i, name in enumerate(LAYERS[: LAYERS.index(max(self.layers, key=LAYERS.index)) + 1]):
+            widest = max(m.out_channels for m in getattr(self.net, name).modules() if isinstance(m, nn.Conv2d))
+            largest = max(largest, widest * h * w)  # at the stage's input resolution: an upper bound
+            if i > 0:
+                h, w = (h + 1) // 2, (w + 1) // 2
+            if name in self.layers:
+                kept += self.net.channels[name] * h * w
+        return dtype_bytes * (4 * largest + kept)
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if x.shape[1] == 1:
@@ -395,7 +449,31 @@ class FeatureExtractor(nn.Module):
             maps = F.pad(maps, (left, width - cw - left, top, height - ch - top), mode="replicate")
         return maps
 
+    def backbone(self, normalised: torch.Tensor, names: Optional[Sequence[str]] = None, fast: bool = False) -> Dict[str, torch.Tensor]:
+        """The named stages' outputs for an already prepared input, in the caller's autocast
+        context. fast: through the inference copy of the network (BatchNorm folded into the
+        convolutions, channels-last), which rounds differently only in the last bits."""
+        if not fast:
+            return self.net.features(normalised, list(names or self.layers))
+        return self.inference_net().features(normalised.contiguous(memory_format=torch.channels_last), list(names or self.layers))
+
+    def inference_net(self) -> ResNet:
+        """fold_batch_norm(net) in channels-last, made once and again only when the network's
+        weights change (a load, an in-place update) or move (another device or dtype)."""
+        tensors = list(self.net.parameters()) + list(self.net.buffers())
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_inference")  # a plain attribute: not a submodule, not saved
+        if cached is None or cached[0] != key:
+            fused = fold_batch_norm(self.net).to(memory_format=torch.channels_last)
+            self.__dict__["_inference"] = cached = (key, fused)
+        return cached[1]
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_inference", None)
+        return state
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        with torch.autocast(x.device.type, enabled=False):
-            return self.net.features(self.prepare_input(x), self.layers)
+    def forward(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None, fast: bool = False) -> Dict[str, torch.Tensor]:
+        with autocast_to(x.device.type, dtype):
+            return self.backbone(self.prepare_input(x), self.layers, fast)

@@ -12,7 +12,7 @@
 
 Both keep the training images (N x C*H*W floats) until fitted; knn keeps them as its bank,
 so it suits small images (Fashion-MNIST: 5,400 x 784 floats = 17 MB). Distances and the SVD
-run in fp32 with autocast off. The `target` of anomaly_map is what the input is compared with
+run in fp32 with autocast off (knn: bank_search.nearest_k, chunked to the device's memory). The `target` of anomaly_map is what the input is compared with
 (the input itself unless a filter acts on the target)."""
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ from typing import List
 import torch
 
 from freqexp.errors import ConfigError
+from freqexp.models.bank_search import BankIndex, nearest_k
 from freqexp.models.base import MODELS, GradientFreeModel, positive_int
-
-CHUNK = 4096  # bank rows per distance block
-
 
 class FlatImageFit(GradientFreeModel):
     """Collects the flattened training inputs; subclasses turn them into their state in fit()
@@ -80,6 +78,7 @@ class NearestImage(FlatImageFit):
         super().__init__(in_shape)
         self.k = positive_int("model.k", k)
         self.register_buffer("bank", torch.zeros(0, self.dim))
+        self._index = None  # the bank's cached search index (norms), rebuilt when the bank changes
 
     def fit(self, data: torch.Tensor) -> None:
         if data.shape[0] < self.k:
@@ -91,19 +90,12 @@ class NearestImage(FlatImageFit):
 
     @torch.no_grad()
     def neighbours(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Euclidean distances [B, k] ascending, bank indices [B, k]) of the k nearest images."""
+        """(Euclidean distances [B, k] ascending, bank indices [B, k]) of the k nearest images:
+        an exact fp32 search (bank_search.nearest_k) with the bank's norms cached once per bank."""
         self.check_fitted()
-        with torch.autocast(x.device.type, enabled=False):
-            q = x.float().reshape(x.shape[0], -1)
-            best_d = q.new_full((q.shape[0], 0), float("inf"))
-            best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
-            for start in range(0, self.bank.shape[0], CHUNK):  # running k-best over bank chunks
-                d = torch.cdist(q, self.bank[start : start + CHUNK].float())
-                cand_d = torch.cat([best_d, d], 1)
-                cand_i = torch.cat([best_i, torch.arange(start, start + d.shape[1], device=q.device).expand(q.shape[0], -1)], 1)
-                best_d, pos = cand_d.topk(min(self.k, cand_d.shape[1]), dim=1, largest=False)
-                best_i = cand_i.gather(1, pos)
-            return best_d, best_i
+        if self._index is None or not self._index.matches(self.bank, "fp32"):
+            self._index = BankIndex(self.bank, "fp32")
+        return nearest_k(x.float().reshape(x.shape[0], -1), self.bank, self.k, self._index)
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """[B] image distance: mean over the k nearest training images."""

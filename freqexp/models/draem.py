@@ -3,15 +3,20 @@ embedding for surface anomaly detection.
 
 Two sub-networks are trained together on pseudo-anomalies:
   reconstructive   a fully convolutional encoder-decoder that learns to turn an image with a
-                   pasted defect back into the clean image (configured loss, e.g. mse+ssim);
+                   synthesized defect back into the clean image (configured loss; the recipe's
+                   mse+ssim uses DRAEM's SSIM: 11 px window, zero padding);
   discriminative   a small U-Net that sees concat(input, reconstruction) and predicts, per
                    pixel, 2-class logits (normal / anomalous); trained with a focal loss against
-                   the pseudo-anomaly mask.
-The pseudo-anomalies come from the configured augment's `synthesize` (the CutPaste family),
-applied to a fraction `anomaly_p` of each batch; the rest stays clean with an empty mask, so the
-segmenter also learns that clean images have no anomaly. The augment's own `p` is not used.
-The defect is synthesized on the clean image and then passed through the input filter (if any),
-exactly as a real defect reaches the model at test time; the reconstruction target stays clean.
+                   the pseudo-anomaly mask, with DRAEM's label smoothing (focal_smoothing).
+The pseudo-anomalies come from the configured augment's `synthesize` (`perlin`, DRAEM's Perlin
+masks filled with textures, by default; or the CutPaste family), applied to a fraction
+`anomaly_p` of each batch; the rest stays clean with an empty mask, so the segmenter also learns
+that clean images have no anomaly. The augment's own `p` is not used. Before that, a fraction
+`rotate_p` of the training images is rotated by up to `rotate_degrees` (DRAEM's loader: 30 %,
++-90 degrees, the target rotated too). The defect is synthesized on the clean image and then
+passed through the input filter (if any), exactly as a real defect reaches the model at test
+time; the reconstruction target stays clean. `init: draem` draws conv weights from N(0, 0.02) and
+BatchNorm scales from N(1, 0.02) (the official weights_init); `pytorch` keeps PyTorch's defaults.
 
 Anomaly map: the softmax probability of the anomalous class on the (clean, test) input and its
 reconstruction (the map DRAEM's pixel metrics use; `smooth` optionally mean-filters it).
@@ -20,9 +25,9 @@ Image score (score.reduction=auto), as DRAEM's test script: the map mean-pooled 
 default), then its maximum. DRAEM uses 21 px on 256 px images; `score_pool: auto` keeps that
 proportion at the image size at hand (21 at 256 px, 3 at 28 px).
 
-Trade-off: the segmenter learns what the pseudo-anomalies look like. Real defects unlike the
-CutPaste patches (blur, missing texture) are found only through the reconstruction difference
-the segmenter has learned to read, so the augment choice matters more than for plain autoencoders.
+Trade-off: the segmenter learns what the pseudo-anomalies look like. Real defects unlike them
+(blur, missing texture) are found only through the reconstruction difference the segmenter has
+learned to read, so the augment choice matters more than for plain autoencoders.
 """
 from __future__ import annotations
 
@@ -33,24 +38,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.augment.geometric import random_rotation
 from freqexp.errors import ConfigError
 from freqexp.models.autoencoders import ConvDecoder, ConvEncoder
 from freqexp.training import ReconstructionModule
-from freqexp.models.base import MODELS, ReconstructionModel, number, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel, choice, number, positive_int_list
 from freqexp.models.ganomaly import check_stages, eval_mode
 
 
-def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean over pixels of -(1 - p_t)^gamma * log p_t (Lin et al. 2017), p_t the softmax
-    probability of the true class; logits [B,2,H,W], mask [B,1,H,W] (True = anomalous).
-    gamma = 0 is the plain cross-entropy. fp32: log-probabilities of confident pixels underflow
-    in half precision."""
+def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over pixels of -(1 - p_t)^gamma * log p_t (Lin et al. 2017); logits [B,K,H,W], mask
+    [B,1,H,W] (True = anomalous). Without smoothing p_t is the softmax probability of the true
+    class (gamma = 0: the plain cross-entropy). With smoothing s, as DRAEM's FocalLoss: the one-hot
+    target is clipped to [s / (K - 1), 1 - s] and p_t = sum_k target_k * p_k + s. fp32:
+    log-probabilities of confident pixels underflow in half precision."""
     with torch.autocast(logits.device.type, enabled=False):
-        log_p = F.log_softmax(logits.float(), dim=1)
-        log_p_true = log_p.gather(1, mask.long().view(mask.shape[0], 1, *mask.shape[-2:])).squeeze(1)
+        logits = logits.float()
+        index = mask.long().view(mask.shape[0], 1, *mask.shape[-2:])
+        if smoothing > 0:
+            k = logits.shape[1]
+            p = logits.softmax(dim=1)
+            p_true = p.gather(1, index).squeeze(1)
+            p_t = (1 - smoothing) * p_true + smoothing / (k - 1) * (1 - p_true) + smoothing
+            log_p_true = p_t.log()
+        else:
+            log_p_true = F.log_softmax(logits, dim=1).gather(1, index).squeeze(1)
+            p_t = log_p_true.exp()
         # clamp: d/dp (1-p)^gamma is infinite at p = 1 when gamma < 1
-        weight = (1 - log_p_true.exp()).clamp_min(1e-12).pow(gamma)
+        weight = (1 - p_t).clamp_min(1e-12).pow(gamma)
         return -(weight * log_p_true).mean()
+
+
+def draem_init(module: nn.Module) -> None:
+    """DRAEM's weights_init: every conv weight from N(0, 0.02), BatchNorm scales from N(1, 0.02)
+    and shifts 0; conv biases keep PyTorch's default (the official code leaves them)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+INITS = ("draem", "pytorch")
 
 
 def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -94,14 +124,19 @@ class Draem(ReconstructionModel):
     needs_pseudo_anomalies = True
 
     def __init__(self, in_shape, channels=(32, 64, 128), seg_channels=(16, 32, 64), w_seg: float = 1.0,
-                 focal_gamma: float = 2.0, anomaly_p: float = 0.5, smooth: int = 0, score_pool="auto"):
+                 focal_gamma: float = 2.0, focal_smoothing: float = 1e-5, anomaly_p: float = 0.5, rotate_p: float = 0.3,
+                 rotate_degrees: float = 90.0, init: str = "draem", smooth: int = 0, score_pool="auto"):
         super().__init__()
         c = in_shape[0]
         channels = positive_int_list("model.channels", channels)
         seg_channels = positive_int_list("model.seg_channels", seg_channels)
         self.w_seg = number("model.w_seg", w_seg, 0.0)
         self.focal_gamma = number("model.focal_gamma", focal_gamma, 0.0)
+        self.focal_smoothing = number("model.focal_smoothing", focal_smoothing, 0.0, 0.5)
         self.anomaly_p = number("model.anomaly_p", anomaly_p, 0.0, 1.0, low_open=True)
+        self.rotate_p = number("model.rotate_p", rotate_p, 0.0, 1.0)
+        self.rotate_degrees = number("model.rotate_degrees", rotate_degrees, 0.0, 180.0)
+        choice("model.init", init, INITS)
         if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0 or (smooth > 1 and smooth % 2 == 0):
             raise ConfigError("model.smooth", f"must be 0 (off) or an odd kernel size such as 3 or 5; got {smooth!r}")
         self.smooth = smooth
@@ -110,6 +145,8 @@ class Draem(ReconstructionModel):
         check_stages(in_shape, seg_channels[1:], key="model.seg_channels")
         self.reconstructive = nn.Sequential(ConvEncoder(c, channels), ConvDecoder(c, channels, hs, ws))
         self.discriminative = SegmentationUNet(2 * c, seg_channels)
+        if init == "draem":
+            draem_init(self)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         recon = self.reconstructive(x)
@@ -150,7 +187,7 @@ def draem_score_pool(value, image_size) -> int:
 
 
 class DraemModule(ReconstructionModule):
-    """one training step = pseudo-anomalies on a
+    """one training step = a fraction rotate_p of the images rotated, pseudo-anomalies on a
     fraction anomaly_p of the batch, reconstruction loss to the clean target + w_seg * focal loss
     of the segmentation against the pseudo-anomaly mask."""
 
@@ -167,12 +204,13 @@ class DraemModule(ReconstructionModule):
         return torch.where(chosen, synthesized, x), mask & chosen
 
     def training_step(self, x: torch.Tensor, batch_idx: int):
+        x = random_rotation(x, self.model.rotate_p, self.model.rotate_degrees)
         _, target = self.model_io(x, train=False)
         defective, mask = self.pseudo_anomalies(x)
         x_in, _ = self.model_io(defective, train=False)  # the input filter sees the defect, as at test time
         out = self.model(x_in)
         rec_total, rec_parts = self.compare(out["recon"], target)
-        seg = self.model.w_seg * focal_loss(out["seg_logits"], mask, self.model.focal_gamma)
+        seg = self.model.w_seg * focal_loss(out["seg_logits"], mask, self.model.focal_gamma, self.model.focal_smoothing)
         total = rec_total + seg
         self.check_and_log(total, {**rec_parts, "seg": seg}, x.shape[0])
         return total

@@ -2,8 +2,12 @@
 encoder-decoder-encoder.
 
 Generator: encoder1 maps x to a latent z, a decoder maps z to x_hat, encoder2 maps x_hat back
-to z_hat. A discriminator (same conv stack as the encoders, plus a linear real/fake head) is
-trained against it. The generator minimises
+to z_hat. As in the reference (samet-akcay/ganomaly, lib/networks.py), each encoder ends in a
+convolution to `latent_dim` (nz) channels whose kernel covers the whole last feature map (4x4 at
+28 and 32 px, the reference's final 4x4 conv), so z is [B, nz, 1, 1] flattened to [B, nz]; the
+decoder starts with the transposed convolution back (+ BatchNorm + ReLU), and the discriminator
+is the same conv stack with a final full-map conv to one logit, its features the last map
+before that conv. The generator minimises
     w_adv * ||f(x) - f(x_hat)||^2   feature matching on the discriminator's penultimate features
   + w_con * loss(x_hat, x)          "contextual": the configured loss (mse, l1, mse+ssim, ...)
   + w_lat * ||z - z_hat||^2         latent consistency
@@ -61,7 +65,7 @@ def check_stages(in_shape, channels, key: str = "model.channels") -> tuple[list[
 
 def dcgan_init(module: nn.Module) -> None:
     """The DCGAN initialization the GANomaly paper uses: conv weights N(0, 0.02), BatchNorm
-    scales N(1, 0.02); linear layers keep PyTorch's default."""
+    scales N(1, 0.02); conv biases 0; linear layers keep PyTorch's default."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
@@ -76,39 +80,45 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 class LatentEncoder(nn.Module):
-    """Stride-2 conv stack, then a linear map to a latent vector."""
+    """Stride-2 conv stack, then a convolution to `latent_dim` channels over the whole last
+    feature map (the reference's final conv to nz): z = [B, latent_dim]."""
 
-    def __init__(self, in_ch: int, channels: list[int], feat_size: int, latent_dim: int):
+    def __init__(self, in_ch: int, channels: list[int], feat_hw: tuple[int, int], latent_dim: int):
         super().__init__()
         self.conv = ConvEncoder(in_ch, channels)
-        self.to_latent = nn.Linear(feat_size, latent_dim)
+        self.to_latent = nn.Conv2d(channels[-1], latent_dim, kernel_size=feat_hw, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_latent(self.conv(x).flatten(1))
+        return self.to_latent(self.conv(x)).flatten(1)
 
 
 class LatentDecoder(nn.Module):
+    """z [B, latent_dim] as a 1x1 map, a transposed convolution to the last feature map's size
+    (+ BatchNorm + ReLU, as the reference's first decoder layer), then the mirrored conv stack."""
+
     def __init__(self, out_ch: int, channels: list[int], heights: list[int], widths: list[int], latent_dim: int):
         super().__init__()
-        self.feat_shape = (channels[-1], heights[-1], widths[-1])
-        self.from_latent = nn.Sequential(nn.Linear(latent_dim, channels[-1] * heights[-1] * widths[-1]), nn.LeakyReLU(0.2, inplace=True))
+        self.from_latent = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, channels[-1], kernel_size=(heights[-1], widths[-1]), bias=False),
+            nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True))
         self.conv = ConvDecoder(out_ch, channels, heights, widths)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.from_latent(z).view(-1, *self.feat_shape))
+        return self.conv(self.from_latent(z.view(z.shape[0], -1, 1, 1)))
 
 
 class Discriminator(nn.Module):
-    """Conv classifier; forward returns (real/fake logit [B], penultimate features [B, F])."""
+    """Conv classifier; forward returns (real/fake logit [B], features [B, F]: the last conv map,
+    flattened). The logit comes from a convolution over the whole last map, as the reference's."""
 
-    def __init__(self, in_ch: int, channels: list[int], feat_size: int):
+    def __init__(self, in_ch: int, channels: list[int], feat_hw: tuple[int, int]):
         super().__init__()
         self.features = ConvEncoder(in_ch, channels)
-        self.head = nn.Linear(feat_size, 1)
+        self.head = nn.Conv2d(channels[-1], 1, kernel_size=feat_hw, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x).flatten(1)
-        return self.head(f).squeeze(1), f
+        f = self.features(x)
+        return self.head(f).flatten(), f.flatten(1)
 
 
 @MODELS.register("ganomaly")
@@ -128,11 +138,11 @@ class Ganomaly(ReconstructionModel):
         self.w_lat = number("model.w_lat", w_lat, 0.0)
         self.disc_reset_threshold = number("model.disc_reset_threshold", disc_reset_threshold, 0.0)
         hs, ws = check_stages(in_shape, channels)
-        feat = channels[-1] * hs[-1] * ws[-1]
-        self.encoder1 = LatentEncoder(c, channels, feat, latent_dim)
+        feat_hw = (hs[-1], ws[-1])
+        self.encoder1 = LatentEncoder(c, channels, feat_hw, latent_dim)
         self.decoder = LatentDecoder(c, channels, hs, ws, latent_dim)
-        self.encoder2 = LatentEncoder(c, channels, feat, latent_dim)
-        self.discriminator = Discriminator(c, channels, feat)
+        self.encoder2 = LatentEncoder(c, channels, feat_hw, latent_dim)
+        self.discriminator = Discriminator(c, channels, feat_hw)
         dcgan_init(self)
         # the validation score range (see module docstring); (0, 1) = raw scores until calibrated
         self.register_buffer("score_min", torch.tensor(0.0))
@@ -195,6 +205,20 @@ class GanomalyModule(ReconstructionModule):
         schedulers = [s for s in (self.make_scheduler(opt_g), self.make_scheduler(opt_d)) if s is not None]
         return [opt_g, opt_d], schedulers
 
+    def generator_losses(self, out: Dict[str, torch.Tensor], target: torch.Tensor):
+        """({adv, con, lat}, the contextual loss's own terms) for a generator output: the weighted
+        w_adv * mean((f(x_hat) - f(x))^2) on the discriminator's features, w_con * the configured
+        (contextual) loss between x_hat and x, and w_lat * mean((z - z_hat)^2)."""
+        model = self.model
+        with torch.no_grad():
+            _, real_features = model.discriminator(target)
+        _, fake_features = model.discriminator(out["recon"])
+        adv = model.w_adv * feature_matching(fake_features, real_features)
+        con_total, con_parts = self.loss(out["recon"], target)
+        with torch.autocast(target.device.type, enabled=False):
+            lat = model.w_lat * F.mse_loss(out["z"].float(), out["z_hat"].float())
+        return {"adv": adv, "con": model.w_con * con_total, "lat": lat}, con_parts
+
     def training_step(self, x: torch.Tensor, batch_idx: int):
         model, bs = self.model, x.shape[0]
         opt_g, opt_d = self.optimizers()
@@ -204,16 +228,9 @@ class GanomalyModule(ReconstructionModule):
         self.toggle_optimizer(opt_g)
         out = model(x_in)
         x_hat = out["recon"]
-        with torch.no_grad():
-            _, real_features = model.discriminator(target)
-        _, fake_features = model.discriminator(x_hat)
-        adv = model.w_adv * feature_matching(fake_features, real_features)
-        con_total, con_parts = self.loss(x_hat, target)
-        con = model.w_con * con_total
-        with torch.autocast(x.device.type, enabled=False):
-            lat = model.w_lat * F.mse_loss(out["z"].float(), out["z_hat"].float())
-        g_loss = adv + con + lat
-        self.check_and_log(g_loss, {**con_parts, "adv": adv, "con": con, "lat": lat}, bs)
+        terms, con_parts = self.generator_losses(out, target)
+        g_loss = terms["adv"] + terms["con"] + terms["lat"]
+        self.check_and_log(g_loss, {**con_parts, **terms}, bs)
         opt_g.zero_grad()
         self.manual_backward(g_loss)
         opt_g.step()

@@ -40,7 +40,8 @@ from torch import nn
 
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, choice
-from freqexp.models.memory_bank import PatchCore, gaussian_filter, nearest_distance
+from freqexp.models.bank_search import BankIndex, nearest_distance
+from freqexp.models.memory_bank import PatchCore, gaussian_filter
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -90,13 +91,14 @@ class WedgeNet(PatchCore):
         sampling_ratio: float = 0.1,
         projection_dim: Optional[int] = None,
         smooth_sigma: float = 4.0,
+        precision: str = "auto",
     ):
         self.wavelet = choice("model.wavelet", wavelet, ("haar", "bior2.2"))
         if not isinstance(use_semantic, bool):
             raise ConfigError("model.use_semantic", f"must be true or false; got {use_semantic!r}")
         self.use_semantic = use_semantic
         super().__init__(in_shape, backbone, input_size, center_crop, ("layer2", "layer3"), 1, "none", 1, 1,
-                         sampling, sampling_ratio, projection_dim, smooth_sigma, 1)
+                         sampling, sampling_ratio, projection_dim, smooth_sigma, 1, precision)
         c2, c3 = self.extractor.channels("layer2"), self.extractor.channels("layer3")
         # random, frozen: the reference builds these at random and never trains them
         self.freq_encoder = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, c2, 3, padding=1), nn.ReLU())
@@ -111,7 +113,7 @@ class WedgeNet(PatchCore):
 
     def streams(self, x: torch.Tensor) -> List[torch.Tensor]:
         normalised = self.extractor.prepare_input(x)
-        maps = self.extractor.net.features(normalised, ["layer2", "layer3"])
+        maps = self.extractor.backbone(normalised, ["layer2", "layer3"], fast=True)
         f2, f3 = maps["layer2"], maps["layer3"]
         grid = tuple(f2.shape[-2:])
         f3 = F.interpolate(f3, size=grid, mode="bilinear", align_corners=False)
@@ -127,15 +129,18 @@ class WedgeNet(PatchCore):
     def train(self, mode: bool = True) -> "WedgeNet":
         return super().train(False)  # nothing here trains: keep every module in eval mode
 
-    @torch.no_grad()
-    def score(self, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(x.device.type, enabled=False):
-            features = self.patch_features(x)
-            b, h, w, d = features.shape
-            patch = nearest_distance(features.reshape(-1, d), self.memory_bank).view(b, 1, h, w)
-            size = self.extractor.backbone_size(x.shape[-2:])
-            smoothed = gaussian_filter(F.interpolate(patch, size=size, mode="bilinear", align_corners=False), self.smooth_sigma)
-            return self.extractor.to_image_frame(smoothed, x.shape[-2:]), smoothed.flatten(1).amax(1)
+    def bytes_per_image(self, image_size) -> int:
+        # the gated, normalised and pooled blocks: about 8 copies of the [D, h, w] features at once
+        h, w = self.extractor.backbone_size(image_size)
+        return self.extractor.activation_bytes(image_size) + 8 * 4 * self.feature_width() * self.patches_per_image() + 4 * 4 * h * w
+
+    def score_micro_batch(self, x: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.patch_features(x)
+        b, h, w, d = features.shape
+        patch = nearest_distance(features.reshape(-1, d), self.memory_bank, index).view(b, 1, h, w)
+        size = self.extractor.backbone_size(x.shape[-2:])
+        smoothed = gaussian_filter(F.interpolate(patch, size=size, mode="bilinear", align_corners=False), self.smooth_sigma)
+        return self.extractor.to_image_frame(smoothed, x.shape[-2:]), smoothed.flatten(1).amax(1)
 
     @torch.no_grad()
     def anomaly_map(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
