@@ -127,7 +127,7 @@ class ReconstructionModule(L.LightningModule):
         x_in, target = self.model_io(x, train=True)
         total, parts = self.model.training_loss(x_in, target, self.compare)
         self.check_and_log(total, parts, x.shape[0])
-        if self.automatic_optimization:  # a subclass that calls this step and asked for Lightning's loop
+        if self.automatic_optimization or self._trainer is None:  # Lightning's loop steps, or no Trainer: the loss
             return total
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)

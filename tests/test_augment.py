@@ -370,7 +370,6 @@ def test_every_augment_option_composes_and_trains_one_step(option, synthetic):
         assert len(images) == 8 * cfg.augment.multiplicity
     batch = module.on_after_batch_transfer(images, 0)
     assert batch.dtype == torch.float32 and float(batch.max()) <= 1.0
-    module.automatic_optimization = True  # the step returns its loss instead of stepping an optimizer (no Trainer here)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a Trainer warns
