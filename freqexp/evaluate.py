@@ -72,28 +72,37 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) -> tuple[Dict[str, float], Dict[str, Scored]]:
-    module.calibrate(data.val.images, batch_size)  # e.g. GANomaly's score scale, fixed on val
-    val = score_split(module, data.val, batch_size)
+    """Val (when the run has a validation split: a one-pass model fitted on every normal training
+    image has none) picks the threshold; the test is reported. Pixel metrics cover the region the
+    model looks at (`model.evaluated_region`: PatchCore's centre crop), the whole image otherwise."""
+    validated = len(data.val) > 0
+    if validated:
+        module.calibrate(data.val.images, batch_size)  # e.g. GANomaly's score scale, fixed on val
+        val = score_split(module, data.val, batch_size)
     test = score_split(module, data.test, batch_size, keep_maps=data.test.masks is not None)
-    for name, s in (("val", val), ("test", test)):
+    for name, s in (("val", val), ("test", test)) if validated else (("test", test),):
         if not torch.isfinite(s.scores).all():
             raise FloatingPointError(f"{name} anomaly scores contain NaN/inf: the model diverged")
-    threshold, val_f1 = best_f1_threshold(val.scores, val.labels)
     m: Dict[str, float] = {
-        "val/auroc": roc_auc(val.scores, val.labels),
-        "val/ap": average_precision(val.scores, val.labels),
-        "val/f1": val_f1,
-        "val/threshold": threshold,
         "test/auroc": roc_auc(test.scores, test.labels),
         "test/ap": average_precision(test.scores, test.labels),
         "test/throughput": len(test.scores) / max(test.seconds, 1e-9),
-        "val/throughput": len(val.scores) / max(val.seconds, 1e-9),
     }
-    m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
-    m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold, for reference only
+    if validated:
+        threshold, val_f1 = best_f1_threshold(val.scores, val.labels)
+        m.update({"val/auroc": roc_auc(val.scores, val.labels), "val/ap": average_precision(val.scores, val.labels),
+                  "val/f1": val_f1, "val/threshold": threshold, "val/throughput": len(val.scores) / max(val.seconds, 1e-9)})
+        m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
+    m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold (anomalib's F1-max)
     if test.maps is not None and has_both_pixel_classes(data.test.masks):  # undefined without defect pixels
-        masks = data.test.masks.cpu()
-        m["test/pixel_auroc"] = roc_auc(test.maps.flatten(), masks.flatten())
-        m["test/pro"] = pro_auc(test.maps, masks, max_fpr=PRO_MAX_FPR)
+        maps, masks = test.maps, data.test.masks.cpu()
+        model = getattr(module, "model", None)
+        region = model.evaluated_region(masks.shape[-2:]) if hasattr(model, "evaluated_region") else None
+        if region is not None:
+            top, left, h, w = region
+            maps, masks = maps[..., top : top + h, left : left + w], masks[..., top : top + h, left : left + w]
+        if has_both_pixel_classes(masks):
+            m["test/pixel_auroc"] = roc_auc(maps.flatten(), masks.flatten())
+            m["test/pro"] = pro_auc(maps, masks, max_fpr=PRO_MAX_FPR)
     m["sys/peak_memory_mb"] = peak_memory_mb(module.device)
-    return m, {"val": val, "test": test}
+    return m, ({"val": val, "test": test} if validated else {"test": test})

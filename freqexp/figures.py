@@ -105,7 +105,7 @@ def figure_data(module, data, scored, metrics) -> Dict[str, np.ndarray]:
         recon = module.model.reconstruct(x_in)
         maps = module.anomaly_map(x)
     out = {"scores": test.scores.detach().float().cpu().numpy(), "labels": test.labels.detach().cpu().numpy().astype(np.int8),
-           "metrics": np.array([metrics["test/auroc"], metrics["test/ap"], metrics["val/threshold"]], dtype=np.float64),
+           "metrics": np.array([metrics["test/auroc"], metrics["test/ap"], metrics.get("val/threshold", float("nan"))], dtype=np.float64),
            "grid_inputs": _unit_uint8(x), "grid_recons": _unit_uint8(recon), "grid_maps": _maps(maps),
            "grid_labels": labels[pick].numpy().astype(np.int8), "grid_scores": test.scores[pick].detach().float().cpu().numpy()}
     if data.test.masks is not None and test.maps is not None:  # evaluate keeps the test maps where masks exist

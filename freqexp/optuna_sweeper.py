@@ -116,11 +116,13 @@ class FreqexpOptunaSweeperImpl(OptunaSweeperImpl):
         warnings.filterwarnings("ignore", message=r"fail_stale_trials is experimental")
 
         from freqexp.parallel import DeviceSlots, JobPool, plan_workers
+        from freqexp.validate import check_searchable
 
         cfg = self.config
         sweep_opts = cfg.get("sweep") or {}
         try:
             pruning.check(cfg, optuna_sweep=True)
+            check_searchable(cfg)
             workers, gpus, per_device = plan_workers(cfg)
         except ConfigError as e:
             fail(str(e))

@@ -3,6 +3,8 @@ where the test split has pixel masks, anomaly-map overlays (input, map, map over
 truth) with one colour scale for the whole figure."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -124,7 +126,8 @@ def score_histogram(scores, labels, threshold: float, path: Path) -> Path:
     # stepfilled: one polygon per class instead of a patch per bar (the same picture, drawn faster)
     ax.hist(scores[~labels].numpy(), bins=bins, alpha=0.6, density=True, histtype="stepfilled", label="normal")
     ax.hist(scores[labels].numpy(), bins=bins, alpha=0.6, density=True, histtype="stepfilled", label="anomalous")
-    ax.axvline(threshold, color="k", ls="--", lw=0.8, label="threshold (val)")
+    if math.isfinite(threshold):  # NaN: no validation split chose one
+        ax.axvline(threshold, color="k", ls="--", lw=0.8, label="threshold (val)")
     ax.set(xlabel="anomaly score", ylabel="density", title="Test scores")
     ax.legend()
     return save_figure(fig, path)

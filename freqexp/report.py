@@ -239,6 +239,8 @@ def seed_table(df: pd.DataFrame, keys: List[str]) -> tuple[pd.DataFrame, List[Re
             work[col[len("metrics."):]] = pd.to_numeric(df[col], errors="coerce")
     work["_seed"] = df["params.seed"] if "params.seed" in df.columns else pd.Series(None, index=df.index, dtype=object)
     work["_run"] = df["run_id"].astype(str) if "run_id" in df.columns else df.index.astype(str)
+    if "tags.protocol" in df.columns:  # unsupervised | semi-supervised (freqexp.data.base.validation_protocol)
+        work["_protocol"] = df["tags.protocol"]
     for col in ("start_time", "end_time"):
         work[f"_{col}"] = pd.to_datetime(df[col], utc=True, errors="coerce") if col in df.columns else pd.NaT
     work = work.sort_values(["_start_time", "_end_time"], kind="stable", na_position="first")
@@ -295,6 +297,8 @@ def leaderboard(df: pd.DataFrame, keys: List[str], runs: Optional[pd.DataFrame] 
             row[f"{m} mean"] = g[m].mean()
             row[f"{m} std"] = g[m].std(ddof=1) if len(g) > 1 else 0.0
             row[f"{m} ci_low"], row[f"{m} ci_high"] = t_interval(g[m])
+        if "_protocol" in g:
+            row["protocol"] = ", ".join(sorted(set(g["_protocol"].dropna().astype(str))))
         row["dup_seeds"] = ",".join(sorted(set(g.loc[g["_repeated"], "_seed"].astype(str)), key=natural_key))
         rows.append(row)
     board = pd.DataFrame(rows)
@@ -318,13 +322,14 @@ def to_markdown(board: pd.DataFrame, keys: List[str]) -> str:
     metrics = [m for m in METRICS if f"{m} mean" in board.columns]
     with_ci = [m for m in metrics if "throughput" not in m and f"{m} ci_low" in board.columns]
     dups = "dup_seeds" in board.columns and board["dup_seeds"].fillna("").astype(str).str.len().gt(0).any()
-    header = ["#"] + keys + ["n"]
+    protocols = "protocol" in board.columns and board["protocol"].fillna("").astype(str).str.len().gt(0).any()
+    header = ["#"] + keys + (["protocol"] if protocols else []) + ["n"]
     for m in metrics:
         header += [m] + ([f"{m} {CONFIDENCE:.0%} CI"] if m in with_ci else [])
     header += ["dup seeds"] if dups else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in board.iterrows():
-        cells = [str(i + 1)] + [str(r[k]) for k in keys] + [str(int(r["n"]))]
+        cells = [str(i + 1)] + [str(r[k]) for k in keys] + (["" if pd.isna(r["protocol"]) else str(r["protocol"])] if protocols else []) + [str(int(r["n"]))]
         for m in metrics:
             mean, std = r[f"{m} mean"], r[f"{m} std"]
             if pd.isna(mean):

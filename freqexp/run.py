@@ -68,6 +68,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
     warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`.*")  # gradient-free fits
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # frozen backbones
+    warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")  # a one-pass model fitted on every normal image
 
 
 def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = None):
@@ -197,6 +198,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
+    from freqexp.data.base import validation_protocol, with_all_normals
     from freqexp.data.pseudo import pseudo_generator_for, trains_on_augment, with_expanded_train, with_pseudo_val
     from freqexp.tracking import flatten
 
@@ -204,19 +206,22 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     with phase("data"):
         data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
         data = with_expanded_train(data, plan.augment)
-        if cfg.dataset.get("val_anomalies") == "pseudo":
+        if plan.fit_all:  # a one-pass model: the held-out normals join its fit, nothing is validated
+            data = with_all_normals(data)
+        elif cfg.dataset.get("val_anomalies") == "pseudo":
             generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
             data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
     plan.model.check_fit(len(data.train), plan.hardware.device)
-    if data.val.n_anomalous in (0, len(data.val)):
+    if not plan.fit_all and data.val.n_anomalous in (0, len(data.val)):
         raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
                            f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
     output_dir.mkdir(parents=True, exist_ok=True)
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
-                "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()), **where_tags(), **(tags or {})}
+                "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()),
+                "protocol": validation_protocol(cfg.dataset.get("val_anomalies"), not plan.fit_all), **where_tags(), **(tags or {})}
     with phase("run_start"):
         run_id = tracker.start(run_name or run_label(cfg), run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
@@ -226,6 +231,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
             reduction = cfg.score.reduction
             params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
             params.update({f"choice.{group}": option for group, option in group_choices().items()})
+            params.update(protocol_params(cfg, plan, data))
             params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
                            "resolved.cpu_threads": torch.get_num_threads(), "model.n_params": sum(p.numel() for p in plan.model.parameters())})
             params.update({f"data.{k}": v for k, v in data.counts().items()})
@@ -255,7 +261,8 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
                 callbacks += [pruning.objective_so_far(objectives(cfg)[0], best), pruning.callback(trial)]
             trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
             train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
-            val_batches = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
+            val_batches = (IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
+                           if len(data.val) else None)
             from freqexp.evaluate import reset_peak_memory
 
             reset_peak_memory(device)
@@ -316,6 +323,31 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
         restore_sigterm(previous_sigterm)
 
 
+def protocol_params(cfg, plan, data) -> Dict[str, str]:
+    """What the run was fitted on, what validated it and where pixels were scored, in words
+    (params: resolved.protocol, resolved.fit_on, resolved.pixel_region)."""
+    from freqexp.data.base import validation_protocol
+
+    val_anomalies = cfg.dataset.get("val_anomalies")
+    protocol = validation_protocol(val_anomalies, not plan.fit_all)
+    if plan.fit_all:
+        why = "no validation: the model was fitted on every normal training image"
+    elif protocol == "unsupervised":
+        why = "validation anomalies are synthetic (dataset.val_anomalies=pseudo)"
+    else:
+        why = (f"validation holds real anomalies (dataset.val_anomalies={val_anomalies}): selecting on them is "
+               "semi-supervised; dataset.val_anomalies=pseudo for the unsupervised protocol")
+    out = {"resolved.protocol": f"{protocol}: {why}",
+           "resolved.fit_on": (f"all: the {len(data.train)} normal training images, held-out ones included" if plan.fit_all
+                               else f"train: {len(data.train)} images, validation held out")}
+    region = plan.model.evaluated_region(plan.shape[1:])
+    if region is not None:
+        top, left, h, w = region
+        out["resolved.pixel_region"] = (f"rows {top}-{top + h - 1}, columns {left}-{left + w - 1} ({h}x{w} of "
+                                        f"{plan.shape[1]}x{plan.shape[2]}): the centre crop the model sees")
+    return out
+
+
 def on_sigterm_raise_interrupt():
     """While a run is open, SIGTERM (a cluster's kill, `kill PID`) interrupts it so it ends KILLED
     instead of RUNNING forever. Returns the previous handler (None off the main thread)."""
@@ -349,10 +381,15 @@ def summary(cfg, result: RunResult) -> str:
     lines = [
         f"freqexp: finished model={cfg.model.name} loss={cfg.loss.spec} filter={cfg.filter.name} dataset={cfg.dataset.name}"
         + (f" (normal: {', '.join(normal)})" if normal else ""),
-        f"  val   AUROC {m['val/auroc']:.4f}   AP {m['val/ap']:.4f}   (the sweep objective is val/auroc)",
-        f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1 {m['test/f1']:.4f}   ACC {m['test/acc']:.4f}"
-        f"   balanced ACC {m['test/balanced_acc']:.4f}   (threshold chosen on val)",
     ]
+    if "val/auroc" in m:
+        lines += [f"  val   AUROC {m['val/auroc']:.4f}   AP {m['val/ap']:.4f}   (the sweep objective is val/auroc)",
+                  f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1 {m['test/f1']:.4f}   ACC {m['test/acc']:.4f}"
+                  f"   balanced ACC {m['test/balanced_acc']:.4f}   (threshold chosen on val)"]
+    else:  # a one-pass model fitted on every normal training image (trainer.fit_on): no validation, no threshold
+        lines += ["  val   none: fitted on every normal training image (trainer.fit_on=train keeps a validation split)",
+                  f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1-max {m['test/f1_best']:.4f}   "
+                  "(F1 at the best threshold on the test, as anomalib's F1-max)"]
     if "test/pixel_auroc" in m:
         pro = f"   PRO (FPR <= 0.3) {m['test/pro']:.4f}" if "test/pro" in m else ""
         lines.append(f"  pixel AUROC {m['test/pixel_auroc']:.4f}{pro}")
@@ -458,7 +495,8 @@ def task(cfg: DictConfig):
         return value
     write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
     if multirun:
-        log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides, result.metrics["val/auroc"], result.metrics["test/auroc"])
+        log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides,
+                 result.metrics.get("val/auroc", float("nan")), result.metrics["test/auroc"])
     else:
         print(summary(cfg, result))
     return value

@@ -41,6 +41,7 @@ class Plan:
     filter: nn.Module
     placement: str
     hardware: Hardware
+    fit_all: bool = False  # a one-pass model fitted on every normal training image (trainer.fit_on); no validation
 
 
 def _int(key: str, value: Any, low: int) -> int:
@@ -164,6 +165,7 @@ def make_plan(cfg) -> Plan:
     loss = build_loss(cfg.loss, image_size=shape[1:])
     model = build_model(cfg.model, shape)
     check_loss_for_model(cfg, model)
+    fit_all = check_fit_on(cfg, model)
     augment = build_augment(cfg.augment)
     if model.needs_pseudo_anomalies and not hasattr(augment, "synthesize"):
         from freqexp.augment import AUGMENTS
@@ -182,4 +184,36 @@ def make_plan(cfg) -> Plan:
     if placement == "score" and not model.residual_score:
         raise ConfigError("filter.apply_to", f"model={cfg.model.name} does not score by a reconstruction residual, so a filter at "
                           "apply_to=score would have no effect; use input or both")
-    return Plan(shape, model, loss, augment, filter_module, placement, hardware)
+    return Plan(shape, model, loss, augment, filter_module, placement, hardware, fit_all)
+
+
+def check_fit_on(cfg, model: ReconstructionModel) -> bool:
+    """trainer.fit_on for this model: True when it is fitted on every normal training image."""
+    from freqexp.data.base import FIT_ON, VAL_FROM_TEST, fits_all_normals
+
+    fit_on = choice("trainer.fit_on", cfg.trainer.get("fit_on", "auto"), FIT_ON)
+    val_anomalies = cfg.dataset.get("val_anomalies")
+    if fit_on == "all" and not model.gradient_free:
+        raise ConfigError("trainer.fit_on", f"all is for one-pass models (memory banks, knn, pca); model={cfg.model.name} "
+                                            "is trained and selects on the validation split: use auto or train")
+    if fit_on == "all" and val_anomalies in VAL_FROM_TEST:
+        raise ConfigError("trainer.fit_on", f"all leaves no validation, yet dataset.val_anomalies={val_anomalies} takes validation "
+                                            "anomalies out of the test split; use dataset.val_anomalies=pseudo (the whole test "
+                                            "split stays the test) or trainer.fit_on=train")
+    return fits_all_normals(fit_on, model.gradient_free, val_anomalies)
+
+
+def check_searchable(cfg) -> None:
+    """An Optuna search optimizes a validation metric: refuse, before any trial, a one-pass model
+    that trainer.fit_on fits on every normal training image (it has no validation)."""
+    from freqexp.data.base import fits_all_normals
+    from freqexp.models import model_class
+
+    keys = [k for k in objectives(cfg) if k.startswith("val/")]
+    try:
+        gradient_free = bool(getattr(model_class(cfg.model.name), "gradient_free", False))
+    except ConfigError:
+        return  # the run's own check names the model
+    if keys and fits_all_normals(cfg.trainer.get("fit_on", "auto"), gradient_free, cfg.dataset.get("val_anomalies")):
+        raise ConfigError("trainer.fit_on", f"model={cfg.model.name} is fitted on every normal training image, so no run logs "
+                                            f"{keys[0]} to search on; set trainer.fit_on=train (validation on held-out normals)")

@@ -99,7 +99,7 @@ def assert_disjoint(d) -> None:
 
 def test_mvtec_split_moves_a_share_of_each_test_folder_to_val(tmp_path):
     make_mvtec(tmp_path)
-    cfg = mvtec_cfg(tmp_path, "dataset.val_fraction=0.2", "dataset.val_anomaly_fraction=0.2")
+    cfg = mvtec_cfg(tmp_path, "dataset.val_fraction=0.2", "dataset.val_anomaly_fraction=0.2", "dataset.val_anomalies=test")
     assert dataset_shape(cfg.dataset) == (1, 64, 48)
     d = build_dataset(cfg.dataset)
     # train/good 10: 2 to val. test/good 5 -> 1, crack 5 -> 1, hole 3 -> 1 (at least one), scuff 1 -> stays in test
@@ -118,8 +118,8 @@ def test_mvtec_split_moves_a_share_of_each_test_folder_to_val(tmp_path):
     assert [f.split("/")[-2] for f in d.info["files"]["test"]] == d.info["test_defects"]
     assert d.train.masks is None and d.info["normal_classes"] == ["widget (good)"]
     # the split is fixed by split_seed
-    again = build_dataset(mvtec_cfg(tmp_path, "dataset.val_fraction=0.2").dataset)
-    other = build_dataset(mvtec_cfg(tmp_path, "dataset.val_fraction=0.2", "dataset.split_seed=5").dataset)
+    again = build_dataset(mvtec_cfg(tmp_path, "dataset.val_fraction=0.2", "dataset.val_anomalies=test").dataset)
+    other = build_dataset(mvtec_cfg(tmp_path, "dataset.val_fraction=0.2", "dataset.val_anomalies=test", "dataset.split_seed=5").dataset)
     assert again.info["files"] == d.info["files"] and other.info["files"] != d.info["files"]
 
 
@@ -284,7 +284,8 @@ def test_mvtec_run_end_to_end_logs_pixel_auroc(tmp_path, store):
     runs = read_runs(store)
     assert len(runs) == 1 and runs["status"].iloc[0] == "FINISHED"
     assert runs["params.dataset.name"].iloc[0] == "mvtec" and runs["params.data.root"].iloc[0] == str(tmp_path / "mvtec")
-    assert runs["params.data.test_anomalous"].iloc[0] == "8"  # 6 + 4, minus one of each moved to val
+    assert runs["params.data.test_anomalous"].iloc[0] == "10"  # 6 + 4: the published protocol keeps the whole test split
+    assert runs["tags.protocol"].iloc[0] == "unsupervised"  # validated on pseudo-anomalies
     assert result.info["normal"] == ["widget (good)"]
 
 

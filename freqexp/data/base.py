@@ -148,3 +148,38 @@ def one_class_split(
     anomal_idx = anomal_idx[torch.randperm(len(anomal_idx), generator=g)]
     n_anom = min(len(anomal_idx), int(round(n_val * val_anomaly_ratio)))
     return train_normal.sort().values, val_normal.sort().values, anomal_idx[:n_anom].sort().values
+
+
+# -- protocols: what validation holds and what a one-pass model is fitted on -------------------
+
+FIT_ON = ("auto", "train", "all")
+# dataset.val_anomalies values whose validation anomalies are taken out of the test split: fitting
+# a bank on the held-out normals would leave those images in neither split
+VAL_FROM_TEST = ("test", "abnormal", "faults")
+UNSUPERVISED = "unsupervised"
+SEMI_SUPERVISED = "semi-supervised"
+
+
+def fits_all_normals(fit_on: str, gradient_free: bool, val_anomalies: Optional[str]) -> bool:
+    """Whether the model is fitted on every normal training image (trainer.fit_on, checked by
+    freqexp.validate): only one-pass models, which select nothing on validation."""
+    if not gradient_free or fit_on == "train":
+        return False
+    return fit_on == "all" or val_anomalies not in VAL_FROM_TEST
+
+
+def validation_protocol(val_anomalies: Optional[str], validated: bool) -> str:
+    """semi-supervised when validation (the epoch, the threshold, a sweep's objective) sees real
+    anomalies of the kind the test holds; unsupervised with pseudo-anomalies or no validation."""
+    return SEMI_SUPERVISED if validated and val_anomalies not in (None, "pseudo") else UNSUPERVISED
+
+
+def with_all_normals(data: OneClassData) -> OneClassData:
+    """The held-out validation normals join the training split and validation is left empty:
+    a one-pass model (PatchCore, WEDGE-Net, kNN, PCA) fitted on every normal training image, as
+    the official code fits its bank on all of train/good."""
+    normal = data.val.labels == 0
+    images = torch.cat([data.train.images, data.val.images[normal].to(data.train.images.device, data.train.images.dtype)])
+    train = Split(images, torch.zeros(len(images), dtype=torch.long))
+    empty = data.val.subset(torch.zeros(0, dtype=torch.long))
+    return OneClassData(train, empty, data.test, {**data.info, "fit_on": "all"})

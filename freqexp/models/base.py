@@ -117,6 +117,12 @@ class ReconstructionModel(nn.Module):
         """What `score.reduction: auto` computes for this model, in words (logged as a param)."""
         return f"{self.published_score} of the anomaly map"
 
+    def evaluated_region(self, image_size) -> Optional[Tuple[int, int, int, int]]:
+        """(top, left, height, width) of the image the model actually looks at, where that is less
+        than the image (PatchCore's centre crop): pixel metrics are computed there, as the
+        official code computes them on the crop. None: the whole image."""
+        return None
+
 
 class GradientFreeModel(ReconstructionModel):
     """A detector fitted without gradients (memory bank, PCA, kNN): `observe(x)` is called with

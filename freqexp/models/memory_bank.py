@@ -517,6 +517,13 @@ class PatchCore(GradientFreeModel):
         with torch.autocast(x.device.type, enabled=False):
             return torch.cat([self.patch_map(self.patch_scores(part), x.shape[-2:]) for part in x.split(self.micro_batch(x))])
 
+    def evaluated_region(self, image_size) -> Optional[tuple[int, int, int, int]]:
+        from freqexp.models.backbone import crop_box
+
+        height, width = int(image_size[0]), int(image_size[1])
+        box = crop_box(height, width, self.extractor.center_crop)
+        return None if box[2:] == (height, width) else box
+
     def score_description(self) -> str:
         if self.reweight_neighbours > 1:
             return f"largest patch distance re-weighted by its {self.reweight_neighbours} bank neighbours (PatchCore eq. 7)"
