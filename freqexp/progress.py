@@ -91,14 +91,15 @@ class Progress:
 
     @contextlib.contextmanager
     def chunk(self, n: int) -> Iterator[None]:
-        """The next n units are done by the code within; its advance() calls move them."""
+        """The next n units are done by the code within; its advance() calls move them, and
+        the chunk counts as done when the code returns (not when it raises)."""
         entry = (self, self.done + int(n))
         _open_chunks.append(entry)
         try:
             yield
         finally:
             _open_chunks.remove(entry)
-            self.update(entry[1] - self.done)
+        self.update(entry[1] - self.done)
 
     def line(self, tail: str, now: float) -> None:
         unit = f" {self.unit}" if self.unit else ""

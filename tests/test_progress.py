@@ -98,6 +98,28 @@ def test_short_steps_and_progress_off_print_nothing(monkeypatch):
     assert out.getvalue() == ""
 
 
+def test_chunks_take_the_advances_of_the_code_within_and_count_once():
+    out = io.StringIO()
+    progress.advance(5)  # outside any chunk: nothing to move
+    with progress.settings(delay=0, line_seconds=3600), Progress("scoring test", 40, "images", stream=out) as p:
+        with p.chunk(16):  # a batch of 16 scored in micro-batches of 6, 6, 4
+            for part in (6, 6, 4):
+                progress.advance(part)
+            progress.advance(3)  # past the chunk's end: not counted
+            assert p.done == 16
+        assert p.done == 16
+        with p.chunk(16):  # a model that reports nothing: the whole chunk when it returns
+            assert p.done == 16
+        assert p.done == 32
+        with pytest.raises(RuntimeError), p.chunk(8):
+            progress.advance(2)
+            raise RuntimeError("a failed batch")
+        assert p.done == 34  # only what was reported before the failure
+    lines = parse(out.getvalue(), "scoring test")
+    assert [count(m, "done") for m in lines] == [6, 12, 16, 32, 34]
+    assert lines[-1][0].startswith("scoring test: 34/40 images (85 %), stopped after ")
+
+
 def test_a_terminal_gets_a_bar_that_is_removed_at_the_end():
     out = Tty()
     with progress.settings(delay=0), Progress("coreset selection", 50, "rows", stream=out) as p:
@@ -170,3 +192,28 @@ def test_a_run_with_progress_bar_false_prints_no_progress(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert not [line for line in (out + err).splitlines() if LINE.match(line)], out + err
     assert " left" not in out + err
+
+
+def test_cuda_graph_replays_are_followed_by_their_events_without_waiting_on_the_device(monkeypatch):
+    # the coreset's CUDA-graph path records an event after each replay of GRAPH_BLOCK steps and
+    # reports the replays whose events have completed (Event.query: no synchronisation)
+    from freqexp.models import coreset
+
+    class Event:
+        def __init__(self, ready_at):
+            self.ready_at = ready_at
+
+        def query(self):
+            return clock_now[0] >= self.ready_at
+
+    clock_now = [0.0]
+    monkeypatch.setattr(coreset.time, "sleep", lambda s: clock_now.__setitem__(0, clock_now[0] + 1))
+    monkeypatch.setattr(progress, "_now", lambda: clock_now[0])
+    k = 5 * coreset.GRAPH_BLOCK - 100
+    events = [Event(ready_at=i + 1) for i in range(5)]  # replay i finishes at t = i + 1
+    out = io.StringIO()
+    with progress.settings(delay=0, line_seconds=3600), Progress("coreset selection", k, "rows", stream=out) as p:
+        coreset._follow_events(events, p, coreset.GRAPH_WARMUP, k)
+        assert p.done == k
+    done = [count(m, "done") for m in parse(out.getvalue(), "coreset selection")]
+    assert done == [coreset.GRAPH_WARMUP + i * coreset.GRAPH_BLOCK for i in range(1, 5)] + [k]
