@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from freqexp.data import OneClassData, Split
+from freqexp.progress import Progress
 from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, has_both_pixel_classes, pro_auc, roc_auc
 from freqexp.training import ReconstructionModule, to_unit_float
 
@@ -26,8 +27,10 @@ class Scored:
 
 
 @torch.no_grad()
-def score_split(module: ReconstructionModule, split: Split, batch_size: int, keep_maps: bool = False) -> Scored:
-    """Anomaly maps and image scores for a split, in fp32, batched on the module's device."""
+def score_split(module: ReconstructionModule, split: Split, batch_size: int, keep_maps: bool = False, name: str = "split") -> Scored:
+    """Anomaly maps and image scores for a split, in fp32, batched on the module's device; the
+    progress is reported per batch, or per micro-batch where the model works in them
+    (freqexp.progress), as "scoring <name>"."""
     module.eval()
     device = module.device
     images = split.images  # batches move to the device one at a time (a memory-mapped split stays on disk)
@@ -35,11 +38,14 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        m, batch_scores = module.score(to_unit_float(images[start : start + batch_size].to(device)))
-        scores.append(batch_scores)
-        if keep_maps:
-            maps.append(m.cpu())
+    with Progress(f"scoring {name}", len(images), "images") as progress:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            with progress.chunk(len(batch)):  # models scoring in micro-batches report each one
+                m, batch_scores = module.score(to_unit_float(batch.to(device)))
+            scores.append(batch_scores)
+            if keep_maps:
+                maps.append(m.cpu())
     s = torch.cat(scores).cpu()
     seconds = time.perf_counter() - t0  # .cpu() above waited for the device
     return Scored(s, split.labels.cpu(), torch.cat(maps) if keep_maps else None, seconds)
@@ -78,8 +84,8 @@ def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) 
     validated = len(data.val) > 0
     if validated:
         module.calibrate(data.val.images, batch_size)  # e.g. GANomaly's score scale, fixed on val
-        val = score_split(module, data.val, batch_size)
-    test = score_split(module, data.test, batch_size, keep_maps=data.test.masks is not None)
+        val = score_split(module, data.val, batch_size, name="val")
+    test = score_split(module, data.test, batch_size, keep_maps=data.test.masks is not None, name="test")
     for name, s in (("val", val), ("test", test)) if validated else (("test", test),):
         if not torch.isfinite(s.scores).all():
             raise FloatingPointError(f"{name} anomaly scores contain NaN/inf: the model diverged")

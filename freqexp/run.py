@@ -80,10 +80,12 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
     t = cfg.trainer
     if t.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta))
-    bar = bool(t.progress_bar) and sys.stderr.isatty()  # a bar redraws with \r: only on a terminal
+    terminal = sys.stderr.isatty()  # a bar redraws with \r: only on a terminal
+    # a gradient-free fit is one pass that the module reports itself (freqexp.progress)
+    bar = bool(t.progress_bar) and terminal and not plan.model.gradient_free
     if bar:
         callbacks.append(TQDMProgressBar(leave=False))
-    elif t.progress_bar:  # nohup, SLURM logs, pipes: one plain line per epoch instead
+    elif t.progress_bar and not terminal:  # nohup, SLURM logs, pipes: one plain line per epoch instead
         callbacks.append(EpochLines())
     return L.Trainer(
         accelerator=plan.hardware.accelerator,
@@ -179,7 +181,15 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     """Run one experiment. Raises FreqexpError for bad config or data before any MLflow run
     exists; once the run is open, any exception ends it FAILED with the error recorded. With
     `resume`, a config that already has a FINISHED run in the experiment is not run again.
-    Each phase is timed (freqexp.timing): sys/seconds_<phase> in MLflow, timing.json in the run dir."""
+    Each phase is timed (freqexp.timing): sys/seconds_<phase> in MLflow, timing.json in the run dir.
+    Long steps report their progress unless trainer.progress_bar is false (freqexp.progress)."""
+    from freqexp import progress
+
+    with progress.settings(enabled=cfg.trainer.get("progress_bar") is not False):
+        return _execute(cfg, output_dir, run_name, tags, resume)
+
+
+def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: Optional[Dict[str, str]], resume: bool) -> RunResult:
     from freqexp.timing import Phases
 
     phase = Phases()

@@ -3,6 +3,7 @@ training is "reconstruct the target under the configured loss", plus the callbac
 protocol needs (per-epoch MLflow logging, throughput, best-weights restore)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -16,6 +17,7 @@ from freqexp.augment.base import NoAugment
 from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
 from freqexp.data.base import IndexBatches
+from freqexp.progress import Progress
 
 NAN_CHECK_EVERY = 50  # training steps between two NaN-guard checks (each one host-device sync); also at every epoch end
 
@@ -28,7 +30,7 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 # Attributes set on every training step (Lightning sets _current_fx_name about 44 times a step):
 # plain values, never parameters, buffers or submodules, so they skip nn.Module.__setattr__'s
 # registry checks (about 80 us a step on 2 CPU cores).
-PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_steps_unchecked", "_loss_images", "images_seen"})
+PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_steps_unchecked", "_loss_images", "images_seen", "_progress"})
 
 
 class ReconstructionModule(L.LightningModule):
@@ -278,23 +280,61 @@ class ReconstructionModule(L.LightningModule):
 
 class GradientFreeModule(ReconstructionModule):
     """Fits a GradientFreeModel in one pass: every training batch goes to model.observe(), and
-    the model is finalized (bank built, PCA solved) before validation and after fitting."""
+    the model is finalized (bank built, PCA solved) before validation and after fitting. The
+    pass and the validation scoring report their progress (freqexp.progress: Lightning's own
+    bar is off for these fits) in images, as the model works through each batch."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self._progress: Optional[Progress] = None
+
+    def _start_progress(self, desc: str, loader) -> None:
+        self._end_progress()
+        self._progress = Progress(desc, loader.stop if isinstance(loader, IndexBatches) else 0, "images")
+
+    def _chunk(self, images: int):
+        """The batch's images as a chunk of the progress: the model reports its micro-batches."""
+        return self._progress.chunk(images) if self._progress is not None else contextlib.nullcontext()
+
+    def _end_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._start_progress("feature extraction", self.trainer.train_dataloader)
 
     def training_step(self, x: torch.Tensor, batch_idx: int):
         x_in, _ = self.model_io(x, train=False)  # augments create training variety for gradient training only
-        with torch.no_grad():
+        with torch.no_grad(), self._chunk(x.shape[0]):
             self.model.observe(x_in)
         self.images_seen += x.shape[0]
         return None
 
     def on_validation_start(self):
+        self._end_progress()  # the pass is over: the bank is built next
         self.model.finalize()
 
+    def on_validation_epoch_start(self) -> None:
+        loaders = self.trainer.val_dataloaders
+        self._start_progress("validation", loaders[0] if isinstance(loaders, (list, tuple)) else loaders)
+
+    def validation_step(self, batch, batch_idx: int):
+        with self._chunk(batch[0].shape[0]):
+            super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self._end_progress()
+        super().on_validation_epoch_end()
+
+    def on_train_epoch_end(self) -> None:
+        self._end_progress()
+        super().on_train_epoch_end()
+
     def on_fit_end(self):
+        self._end_progress()
         self.model.finalize()
 
     def configure_optimizers(self):

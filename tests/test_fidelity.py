@@ -67,6 +67,7 @@ def test_cutoff_in_pixels_is_fairs_d0_at_any_size():
 
 # ----------------------------------------------------------------------------- PatchCore
 from scipy import ndimage  # noqa: E402
+from scipy.spatial.distance import cdist as scipy_cdist  # noqa: E402
 
 from freqexp.models.memory_bank import PatchCore, approximate_greedy_coreset, gaussian_filter, reweighted_max  # noqa: E402
 
@@ -123,17 +124,36 @@ def test_map_smoothing_is_scipy_gaussian_filter(shape, sigma):
     np.testing.assert_allclose(got, ndimage.gaussian_filter(m, sigma=sigma), atol=1e-5)
 
 
+def nearest_distance_grid(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """[h, w] Euclidean distance of each patch of features [h, w, D] to its nearest bank row, by
+    brute force in float64."""
+    h, w, d = features.shape
+    return scipy_cdist(features.reshape(-1, d), bank).min(1).reshape(h, w)
+
+
+def upsample_bilinear(grid: np.ndarray, size) -> np.ndarray:
+    """The official code's F.interpolate(scores, size, mode="bilinear", align_corners=False)."""
+    t = torch.from_numpy(grid)[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
 def test_patchcore_map_is_upsampled_then_smoothed_with_sigma_4():
+    # the official RescaleSegmentor: nearest-bank distance of each patch, bilinear upsampling to the
+    # backbone input (align_corners=False), scipy's gaussian_filter(sigma=4)
     torch.manual_seed(0)
-    model = PatchCore((1, 28, 28), sampling_ratio=1.0, **{**TINY_PATCHCORE, "input_size": None, "smooth_sigma": 4.0})
+    model = PatchCore((1, 28, 28), sampling_ratio=0.5, **{**TINY_PATCHCORE, "input_size": None, "smooth_sigma": 4.0})
     model.observe(torch.rand(4, 1, 28, 28))
     model.finalize()
     test = torch.rand(2, 1, 28, 28)
-    patch = model.patch_scores(test)
     maps, _ = model.score(test)
+    feats = model.raw_features(test).double().numpy()  # the feature extractor's output: not what is tested here
+    bank = model.memory_bank.double().numpy()
+    assert feats.shape[1:3] == (4, 4) and maps.shape == (2, 1, 28, 28)
     for i in range(2):
-        up = torch.nn.functional.interpolate(patch[i : i + 1], size=(28, 28), mode="bilinear", align_corners=False)[0, 0]
-        np.testing.assert_allclose(maps[i, 0].numpy(), ndimage.gaussian_filter(up.double().numpy(), sigma=4), atol=1e-5)
+        expected = ndimage.gaussian_filter(upsample_bilinear(nearest_distance_grid(feats[i], bank), (28, 28)), sigma=4)
+        np.testing.assert_allclose(maps[i, 0].double().numpy(), expected, rtol=1e-4, atol=1e-5 * expected.max())
+        # the map is not the unsmoothed one: sigma 4 matters at this size
+        assert np.abs(upsample_bilinear(nearest_distance_grid(feats[i], bank), (28, 28)) - expected).max() > 1e-3 * expected.max()
 
 
 def adaptive_avg_pool_1d_numpy(v: np.ndarray, out: int) -> np.ndarray:
@@ -180,6 +200,50 @@ def test_approximate_greedy_coreset_follows_patchcore():
         chosen.append(i)
         d = np.minimum(d, np.sqrt(((f - f[i]) ** 2).sum(1)))
     assert got == chosen
+
+
+def greedy_from_mean_start_numpy(f: np.ndarray, starts: np.ndarray, k: int) -> list:
+    """The official ApproximateGreedyCoresetSampler on features f [N, d]: each row's mean
+    Euclidean distance to the start rows, then k times the farthest row, min-updated."""
+    d = np.sqrt(((f[:, None] - f[None, starts]) ** 2).sum(-1)).mean(1)
+    chosen = []
+    for _ in range(k):
+        i = int(d.argmax())
+        chosen.append(i)
+        d = np.minimum(d, np.sqrt(((f - f[i]) ** 2).sum(1)))
+    return chosen
+
+
+def test_patchcore_coreset_runs_on_a_random_128_dim_linear_projection():
+    # the official sampler first maps the features by torch.nn.Linear(D, 128, bias=False) with its
+    # default (kaiming-uniform, a = sqrt(5)) init: weights uniform in [-1/sqrt(D), 1/sqrt(D)]; the
+    # k-center search then runs on the projected rows. Our draw: a D x 128 uniform matrix from the
+    # sampling seed's generator, then the 10 random starts from the same generator.
+    torch.manual_seed(0)
+    model = PatchCore((1, 28, 28), sampling_ratio=0.05, **{**TINY_PATCHCORE, "projection_dim": 128})
+    n, dim = 400, 300
+    rng = np.random.default_rng(8)
+    # clustered rows with many near-ties, so the chosen rows depend on the metric the search uses
+    feats = rng.normal(size=(8, dim))[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, dim))
+    features = torch.from_numpy(feats).float()
+    k = int(0.05 * n)
+    got = model.select(features).tolist()
+
+    gen = torch.Generator().manual_seed(model.sampling_seed)
+    bound = 1 / np.sqrt(dim)
+    weight = (torch.rand(dim, 128, generator=gen).double().numpy() * 2 - 1) * bound
+    starts = torch.randperm(n, generator=gen)[:10].numpy()
+    f = features.double().numpy()
+    assert got == greedy_from_mean_start_numpy(f @ weight, starts, k)
+    # the projection is what makes this selection: without it, or to another width, it differs
+    assert got != greedy_from_mean_start_numpy(f, starts, k)
+    gen64 = torch.Generator().manual_seed(model.sampling_seed)
+    weight64 = (torch.rand(dim, 64, generator=gen64).double().numpy() * 2 - 1) * bound
+    assert got != greedy_from_mean_start_numpy(f @ weight64, torch.randperm(n, generator=gen64)[:10].numpy(), k)
+    # and the matrix is nn.Linear's: its default init draws from the same interval
+    linear = torch.nn.Linear(dim, 128, bias=False).weight.detach().numpy()
+    assert np.abs(linear).max() <= bound and np.abs(weight).max() <= bound and np.abs(weight).max() > 0.95 * bound
+    assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.02) and linear.std() == pytest.approx(bound / np.sqrt(3), rel=0.02)
 
 
 def test_patchcore_defaults_are_the_papers():
@@ -238,24 +302,58 @@ def test_wedge_feature_layout_and_shapes():
     assert feats.shape == (1, 28, 28, 2048)  # layer2's grid at 224 px
 
 
+def sigmoid_numpy(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def l2_normalise_channels(f: np.ndarray) -> np.ndarray:
+    """torch's F.normalize(f, p=2, dim=1): f / max(||f||_2 over channels, 1e-12)."""
+    return f / np.maximum(np.sqrt((f**2).sum(1, keepdims=True)), 1e-12)
+
+
+def avg_pool_3x3_zero_padded(f: np.ndarray) -> np.ndarray:
+    """avg_pool2d(f, 3, stride=1, padding=1): the zero padding counted in every mean."""
+    h, w = f.shape[-2:]
+    padded = np.pad(f, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    return sum(padded[:, :, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9
+
+
 def test_wedge_blocks_are_l2_normalised_gated_features_and_the_semantic_block():
+    # WEDGE-Net's model.py: enc = freq_encoder(guidance at layer2's grid);
+    #   block 1: normalize(f2 * (1 + sigmoid(enc))), block 2: normalize(up(f3) * (1 + sigmoid(proj_to_f3(enc)))),
+    #   block 3: normalize(f2) * minmax(mean_c |f2|) * 2; concatenated, then 3x3 average pooling
+    from freqexp.models.wedge import guidance_map
+
     torch.manual_seed(0)
     model = WedgeNet((1, 32, 32), input_size=64, center_crop=None)  # resnet18: C2 = 128, C3 = 256, an 8x8 grid
     x = torch.rand(2, 1, 32, 32)
-    normalised = model.extractor.prepare_input(x)
-    f2 = model.extractor.net.features(normalised, ["layer2"])["layer2"].double().numpy()  # [2, 128, 8, 8]
-    feats = model.streams(x)[0].double().numpy()  # [2, 512, 8, 8], after the 3x3 average pooling
-    # undo nothing: compare the pooled semantic block with the formula pooled the same way
+    with torch.no_grad():  # the sub-modules' raw outputs
+        normalised = model.extractor.prepare_input(x)
+        raw = model.extractor.net.features(normalised, ["layer2", "layer3"])
+        f3_up = torch.nn.functional.interpolate(raw["layer3"], size=(8, 8), mode="bilinear", align_corners=False)
+        guide = torch.nn.functional.interpolate(guidance_map(normalised, model.dwt_kernels, "haar"), size=(8, 8), mode="bilinear",
+                                                align_corners=False)
+        enc = model.freq_encoder(guide)
+        proj = model.proj_to_f3(enc)
+    f2, f3_up, enc, proj = (t.double().numpy() for t in (raw["layer2"], f3_up, enc, proj))
+    assert f2.shape == (2, 128, 8, 8) and f3_up.shape == (2, 256, 8, 8) and enc.shape == (2, 128, 8, 8) and proj.shape == (2, 256, 8, 8)
+
+    block2 = l2_normalise_channels(f2 * (1 + sigmoid_numpy(enc)))
+    block3 = l2_normalise_channels(f3_up * (1 + sigmoid_numpy(proj)))
     amp = np.abs(f2).mean(1, keepdims=True)
     lo, hi = amp.min(axis=(1, 2, 3), keepdims=True), amp.max(axis=(1, 2, 3), keepdims=True)
-    semantic = (amp - lo) / (hi - lo + 1e-6)
-    block = f2 / np.maximum(np.sqrt((f2**2).sum(1, keepdims=True)), 1e-12) * semantic * 2.0
-    padded = np.pad(block, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    pooled = sum(padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)) / 9  # zeros counted
-    np.testing.assert_allclose(feats[:, 384:], pooled, rtol=1e-4, atol=1e-6)
-    # the gated layer2 block: unit L2 norm over channels at every location before pooling, so at an
-    # interior location of a pooled map the norm is at most 1
-    assert np.sqrt((feats[:, :128, 1:-1, 1:-1] ** 2).sum(1)).max() <= 1 + 1e-5
+    semantic = l2_normalise_channels(f2) * ((amp - lo) / (hi - lo + 1e-6)) * 2.0
+    expected = avg_pool_3x3_zero_padded(np.concatenate([block2, block3, semantic], 1))
+
+    got = model.streams(x)[0].double().numpy()  # [2, 512, 8, 8]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.raw_features(x).double().numpy(), expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-6)
+    # the gates change the features beyond the tolerance above (a gate dropped, or applied after
+    # the normalisation, would fail): compare the ungated blocks
+    ungated2 = avg_pool_3x3_zero_padded(l2_normalise_channels(f2))
+    ungated3 = avg_pool_3x3_zero_padded(l2_normalise_channels(f3_up))
+    assert np.abs(ungated2 - expected[:, :128]).max() > 1e-3
+    assert np.abs(ungated3 - expected[:, 128:384]).max() > 1e-3
 
 
 def test_wedge_guidance_is_the_min_max_normalised_total_haar_energy():
@@ -273,16 +371,22 @@ def test_wedge_guidance_is_the_min_max_normalised_total_haar_energy():
 
 
 def test_wedge_image_score_is_the_max_of_the_smoothed_map_at_the_backbone_size():
+    # WEDGE-Net's evaluation.py: min cdist to the bank per patch, F.interpolate to the 224 px crop
+    # (bilinear, align_corners=False), gaussian_filter(sigma=4), max; here the backbone input is 64 px
     torch.manual_seed(0)
     model = WedgeNet((1, 32, 32), input_size=64, center_crop=None, sampling_ratio=0.5)
     model.observe(torch.rand(4, 1, 32, 32))
     model.finalize()
     test = torch.rand(2, 1, 32, 32)
     _, scores = model.score(test)
-    patch = model.patch_scores(test)
+    feats = model.raw_features(test).double().numpy()  # the feature extractor's output: not what is tested here
+    bank = model.memory_bank.double().numpy()
+    assert feats.shape[1:3] == (8, 8)
     for i in range(2):
-        up = torch.nn.functional.interpolate(patch[i : i + 1], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
-        assert float(scores[i]) == pytest.approx(ndimage.gaussian_filter(up.double().numpy(), sigma=4).max(), rel=1e-5)
+        patch = nearest_distance_grid(feats[i], bank)
+        smoothed = ndimage.gaussian_filter(upsample_bilinear(patch, (64, 64)), sigma=4)
+        assert float(scores[i]) == pytest.approx(smoothed.max(), rel=1e-5)
+        assert smoothed.max() < patch.max() * (1 - 1e-3)  # the smoothing lowers the peak: the plain max would fail
 
 
 def test_auto_score_of_a_reconstruction_model_is_the_mean_squared_error():

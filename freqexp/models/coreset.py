@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
+
+from freqexp.progress import Progress
 
 log = logging.getLogger("freqexp")
 
 GRAPH_BLOCK = 256  # greedy steps per CUDA graph
 GRAPH_MIN_STEPS = 1024  # fewer steps run step by step (capturing costs more than it saves)
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (cuBLAS handles, allocator)
+PROGRESS_STEPS = 256  # step-by-step loop: progress is updated once per this many steps
 
 
 def graphs_enabled() -> bool:
@@ -73,23 +77,29 @@ class _Distances:
 
 def _farthest_first(distances: _Distances, min_dist: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     """k steps of: record idx, cover it, move idx to the row farthest from everything covered.
-    Returns the k recorded rows, [k] int64 on the device."""
+    Returns the k recorded rows, [k] int64 on the device. Progress is counted per
+    PROGRESS_STEPS steps (per graph replay on CUDA), never by synchronising the device."""
     device = min_dist.device
     graphs = device.type == "cuda" and k >= GRAPH_MIN_STEPS and graphs_enabled()
     chosen = torch.empty(k + (GRAPH_BLOCK if graphs else 0), dtype=torch.long, device=device)
     idx = idx.reshape(1).clone()
-    done = _graph_steps(distances, min_dist, idx, chosen, k) if graphs else 0
-    for i in range(done, k):  # idx stays a tensor: no device sync per step
-        chosen[i : i + 1] = idx
-        distances.cover(idx, min_dist)
-        idx = torch.argmax(min_dist).view(1)
+    with Progress("coreset selection", k, "rows") as progress:
+        done = _graph_steps(distances, min_dist, idx, chosen, k, progress) if graphs else 0
+        for i in range(done, k):  # idx stays a tensor: no device sync per step
+            chosen[i : i + 1] = idx
+            distances.cover(idx, min_dist)
+            idx = torch.argmax(min_dist).view(1)
+            if (i + 1) % PROGRESS_STEPS == 0 or i + 1 == k:
+                progress.update(i + 1 - progress.done)
     return chosen[:k]
 
 
-def _graph_steps(distances: _Distances, min_dist: torch.Tensor, idx: torch.Tensor, chosen: torch.Tensor, k: int) -> int:
+def _graph_steps(distances: _Distances, min_dist: torch.Tensor, idx: torch.Tensor, chosen: torch.Tensor, k: int,
+                 progress: Optional[Progress] = None) -> int:
     """Run the greedy steps as replays of one captured CUDA graph of GRAPH_BLOCK steps; returns
     the number of steps done (k, or fewer when capturing failed: the caller goes on step by step).
-    Steps past k write into chosen's spare tail and are discarded."""
+    Steps past k write into chosen's spare tail and are discarded. With `progress` shown, an
+    event after each replay tells, without a synchronisation, how many blocks the device has run."""
     step = torch.zeros(1, dtype=torch.long, device=min_dist.device)
 
     def body():
@@ -118,10 +128,27 @@ def _graph_steps(distances: _Distances, min_dist: torch.Tensor, idx: torch.Tenso
     except RuntimeError as e:  # pragma: no cover - depends on the driver
         log.warning("coreset: CUDA graph capture failed (%s); continuing step by step", e)
         return done
+    events = []
     while done < k:
         graph.replay()
         done += GRAPH_BLOCK
+        if progress is not None and progress.active:
+            events.append(torch.cuda.Event())
+            events[-1].record(current)
+    _follow_events(events, progress, GRAPH_WARMUP, k)
     return k
+
+
+def _follow_events(events: list, progress: Optional[Progress], first: int, k: int) -> None:
+    """Report the replays the device has finished as their events complete (polling, no sync;
+    the host would wait for the coreset next anyway)."""
+    finished = 0
+    while finished < len(events):
+        while finished < len(events) and events[finished].query():
+            finished += 1
+        progress.update(min(k, first + finished * GRAPH_BLOCK) - progress.done)
+        if finished < len(events):
+            time.sleep(0.05)
 
 
 def greedy_coreset(features: torch.Tensor, k: int, start: int = 0, low_precision: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp import progress
 from freqexp.errors import ConfigError
 from freqexp.freq.dwt import dwt2, wavelet_filters
 from freqexp.models.backbone import LAYERS, FeatureExtractor, autocast_to
@@ -419,6 +420,7 @@ class PatchCore(GradientFreeModel):
     def observe(self, x: torch.Tensor) -> None:
         for part in x.split(self.micro_batch(x)):
             self._observed.append(self.raw_features(part).reshape(-1, self.feature_width()))
+            progress.advance(part.shape[0])  # a caller's progress chunk (freqexp.progress); no device sync
 
     def finalize(self) -> None:
         """Build the bank from the features observed since the last finalize(); with none
@@ -500,7 +502,10 @@ class PatchCore(GradientFreeModel):
             if self.memory_bank.shape[0] == 0:
                 self.patch_features(x[:0])  # the empty-bank error
             index = self.bank_index()
-            parts = [self.score_micro_batch(part, index) for part in x.split(self.micro_batch(x))]
+            parts = []
+            for part in x.split(self.micro_batch(x)):
+                parts.append(self.score_micro_batch(part, index))
+                progress.advance(part.shape[0])
             return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
     def score_micro_batch(self, x: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor, torch.Tensor]:
