@@ -164,6 +164,7 @@ def small_patchcore_run(tmp_path, progress_bar: bool):
     cfg = compose_cfg(["model=patchcore", "model.backbone.arch=resnet18", "model.input_size=null", "model.center_crop=null",
                        "model.feature_dim=16", "model.pretrain_dim=16", "model.sampling_ratio=0.5", "dataset=synthetic",
                        "dataset.n_train=96", "dataset.n_val=64", "dataset.n_test=64", "hardware=cpu", f"trainer.progress_bar={str(progress_bar).lower()}", "tracking.figures=none",
+                       "trainer.fit_on=train",  # keep a validation split, so that its scoring reports too
                        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     with progress.settings(delay=0, line_seconds=3600):  # show even these short steps
         return execute(cfg, tmp_path / "run")

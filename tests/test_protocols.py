@@ -115,7 +115,7 @@ def test_pixel_metrics_cover_only_the_region_the_model_sees(monkeypatch):
     test = Split(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), labels, masks)
     data = OneClassData(test, Split(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)), test, {})
 
-    def fake_score(module, split, batch_size, keep_maps=False):
+    def fake_score(module, split, batch_size, keep_maps=False, name="split"):
         return ev.Scored(maps.flatten(1).amax(1), split.labels, maps if keep_maps else None, 1.0)
 
     monkeypatch.setattr(ev, "score_split", fake_score)
