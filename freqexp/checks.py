@@ -3,7 +3,8 @@ augmentations, validation, sweeps): each returns the value it accepts, or raises
 ConfigError naming the key. Ground floor: imports nothing from freqexp but its errors."""
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Iterable
 
 from freqexp.errors import ConfigError
 
@@ -68,3 +69,13 @@ def choice(key: str, value: Any, allowed, sep: str = ", ") -> Any:
     if value not in allowed:
         raise ConfigError(key, f"must be one of {sep.join(map(str, allowed))}; got {value!r}")
     return value
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    candidates = list(candidates)
+    lower = {c.lower(): c for c in candidates}
+    close = [lower[c] for c in difflib.get_close_matches(word.lower(), list(lower), n=n, cutoff=0.5)]
+    if not close:  # also match on the last component (epochs -> trainer.max_epochs)
+        tail = word.rsplit(".", 1)[-1]
+        close = [c for c in candidates if tail and tail in c.rsplit(".", 1)[-1]][:n]
+    return f"; did you mean {' or '.join(close)}?" if close else ""

@@ -26,40 +26,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from freqexp.errors import ConfigError
+from freqexp.objective import STATUS_FILE, best_count, first_objective, mode, objectives
 
-MODES = ("auto", "all", "best", "none")
 NPZ = "figures.npz"
 GRID_PER_CLASS = 8  # reconstruction grid: the first 8 normal and the first 8 anomalous test images
-
-
-def mode(cfg, multirun: Optional[bool] = None) -> str:
-    """The resolved `tracking.figures` (all, best or none); auto by where the run is: a job of a
-    --multirun (told, or read from Hydra) or a single run."""
-    value = cfg.tracking.get("figures", "auto")
-    if value not in MODES:
-        from freqexp.overrides import did_you_mean
-
-        raise ConfigError("tracking.figures", f"no option {value!r}{did_you_mean(str(value), MODES)}; options: {', '.join(MODES)}")
-    if value != "auto":
-        return value
-    return "best" if (in_multirun() if multirun is None else multirun) else "all"
-
-
-def in_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
-        return False
-
-
-def best_count(cfg) -> int:
-    k = cfg.tracking.get("figures_best", 3)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ConfigError("tracking.figures_best", f"must be an integer >= 0 (runs of a sweep that get figures); got {k!r}")
-    return k
 
 
 def _unit_uint8(x) -> np.ndarray:
@@ -161,7 +131,6 @@ def _descending(config) -> bool:
     """Best first: the Optuna sweeper's direction (an enum or a name) when there is one, else by
     the objective's name (a loss or time: lower is better)."""
     from freqexp.stats import lower_is_better
-    from freqexp.validate import objectives
 
     from omegaconf import ListConfig
 
@@ -181,8 +150,6 @@ def draw_best(config, jobs: Sequence[dict]) -> List[str]:
     Returns the job dirs drawn."""
     import logging
     import math
-
-    from freqexp.sweep import first_objective
 
     if mode(config, multirun=True) != "best":
         return []
@@ -218,8 +185,6 @@ def draw_best(config, jobs: Sequence[dict]) -> List[str]:
 
 
 def _status_run_id(run_dir: Path) -> Optional[str]:
-    from freqexp.sweep import STATUS_FILE
-
     status = run_dir / STATUS_FILE
     if status.exists():
         return json.loads(status.read_text()).get("run_id")

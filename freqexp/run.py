@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from freqexp import figures, pruning
 from freqexp.errors import FreqexpError
-from freqexp.sweep import STATUS_FILE
-from freqexp.validate import Plan, make_plan, objectives
+from freqexp.objective import STATUS_FILE, objectives
+from freqexp.validate import Plan, make_plan
 
 log = logging.getLogger("freqexp")
 
@@ -392,8 +392,6 @@ def write_status(output_dir: Path, **fields) -> None:
 
 def objective_value(cfg: DictConfig, metrics: Dict[str, float]):
     """sweep.objective: one value, or a tuple for a multi-objective sweeper."""
-    from freqexp.validate import objectives
-
     values = tuple(float(metrics[k]) if k in metrics else None for k in objectives(cfg))
     return values[0] if len(values) == 1 else values
 

@@ -15,6 +15,7 @@ from freqexp.freq import build_filter
 from freqexp.losses import CompositeLoss, build_loss
 from freqexp.metrics import SCORE_REDUCTIONS
 from freqexp.models import ReconstructionModel, build_model
+from freqexp.objective import best_count, mode as figure_mode, objectives
 from freqexp.training import OPTIMIZERS, SCHEDULERS
 
 # Mixed precision keeps fp32 weights and fp32 inputs; "*-true" modes would need every input cast.
@@ -66,23 +67,6 @@ def resolve_hardware(hw) -> Hardware:
         elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < torch.cuda.device_count():
             raise ConfigError("hardware.device_index", f"must be a visible GPU, 0 to {torch.cuda.device_count() - 1}, or null; got {index!r}")
     return Hardware(accelerator, precision, torch.device("cuda", index) if accelerator == "gpu" else torch.device("cpu"))
-
-
-# What a sweep may optimize: validation and speed metrics. Test metrics are reported, never optimized.
-OBJECTIVE_METRICS = ("val/auroc", "val/ap", "val/f1", "val/throughput", "train/throughput", "sys/peak_memory_mb")
-
-
-def objectives(cfg) -> list[str]:
-    value = cfg.get("sweep", {}).get("objective", "val/auroc")
-    keys = [value] if isinstance(value, str) else list(value or [])
-    for key in keys:
-        if isinstance(key, str) and key.startswith("test/"):
-            raise ConfigError("sweep.objective", f"{key} is a test metric: the test split is only reported; optimize one of {', '.join(OBJECTIVE_METRICS)}")
-        if key not in OBJECTIVE_METRICS:
-            raise ConfigError("sweep.objective", f"no run logs {key!r}; use one of {', '.join(OBJECTIVE_METRICS)} (or a list of them)")
-    if not keys:
-        raise ConfigError("sweep.objective", f"give at least one of {', '.join(OBJECTIVE_METRICS)}")
-    return keys
 
 
 def check_loss_for_model(cfg, model: ReconstructionModel) -> None:
@@ -137,10 +121,8 @@ def make_plan(cfg) -> Plan:
     resolve_uri(cfg.tracking.uri)
     if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment", f"must be a non-empty name; got {cfg.tracking.experiment!r}")
-    from freqexp import figures
-
-    figures.mode(cfg)  # the name only: auto is resolved when the run knows whether it is a sweep's job
-    figures.best_count(cfg)
+    figure_mode(cfg)  # the name only: auto is resolved when the run knows whether it is a sweep's job
+    best_count(cfg)
     objectives(cfg)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
     from freqexp.data.cache import check_cache_options
