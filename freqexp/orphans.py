@@ -6,7 +6,7 @@ next report on a store do this, and so does
     python -m freqexp.orphans [tracking.uri=URI | --uri URI] [--experiment NAME]
 
 Runs of other hosts are left alone (this machine cannot see their processes): run the command
-there. The Optuna side is the study's heartbeat (freqexp.optuna_sweeper)."""
+there. The Optuna side is the study's heartbeat (freqexp.multirun.optuna_sweeper)."""
 from __future__ import annotations
 
 import argparse

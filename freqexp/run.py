@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from freqexp import figures, pruning
+from freqexp.multirun import figures, pruning
 from freqexp.errors import FreqexpError
 from freqexp.objective import STATUS_FILE, objectives
 from freqexp.validate import Plan, make_plan

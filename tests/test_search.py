@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from freqexp import pruning
+from freqexp.multirun import pruning
 from freqexp.errors import ConfigError
-from freqexp.parallel import DeviceSlots, plan_workers, with_device
+from freqexp.multirun.parallel import DeviceSlots, plan_workers, with_device
 from tests.conftest import PYTHON, cli, read_runs
 
 SEARCH = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.progress_bar=false", "tracking.figures=none",
@@ -316,7 +316,7 @@ def test_a_job_config_composed_to_check_the_batch_is_the_one_the_job_runs_with()
     job on that composition (once per job, not twice), and nothing else is ever kept or reused."""
     import pickle
 
-    from freqexp.parallel import ComposedConfigs, checked_config, compose_job
+    from freqexp.multirun.parallel import ComposedConfigs, checked_config, compose_job
 
     class Loader:
         def __init__(self):

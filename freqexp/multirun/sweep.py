@@ -98,8 +98,8 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from freqexp.errors import ConfigError
 
-        from freqexp import pruning
-        from freqexp.parallel import plan_workers
+        from freqexp.multirun import pruning
+        from freqexp.multirun.parallel import plan_workers
 
         try:  # a bad objective, pruner or worker count would fail every job: say it once, before any starts
             objectives(config)
@@ -142,7 +142,7 @@ class SweepSummary(Callback):
         except Exception as e:  # the jobs' own runs are already safe; say so and go on
             log.warning("could not write the sweep's leaderboard: %s", e)
         try:  # tracking.figures=best (a sweep's default): the best runs' figures, drawn now from their figures.npz
-            from freqexp import figures
+            from freqexp.multirun import figures
 
             drawn = figures.draw_best(config, jobs)
             saved = sum(j["status"] == "finished" and (Path(j["job_dir"]) / figures.NPZ).exists() for j in jobs)

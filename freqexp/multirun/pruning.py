@@ -1,6 +1,6 @@
 """Pruning for Optuna searches: Optuna's own pruners, fed each validated epoch's objective.
 
-The freqexp Optuna sweeper (freqexp/optuna_sweeper.py) asks the study for a trial and runs its
+The freqexp Optuna sweeper (freqexp/multirun/optuna_sweeper.py) asks the study for a trial and runs its
 job; the job finds that trial here (`current()`), reports the sweep objective (`val/auroc`; with
 trainer.restore_best its value at the best epoch so far, the weights the run would be evaluated
 with) after every validation epoch through optuna-integration's Lightning pruning callback, at
