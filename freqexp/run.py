@@ -185,7 +185,7 @@ def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, t
     with phase("plan"):
         plan = make_plan(cfg)  # 1. every value checked, components built
     with phase("store"):
-        from freqexp.orphans import where_tags
+        from freqexp.multirun.orphans import where_tags
         from freqexp.tracking import Tracker
 
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)

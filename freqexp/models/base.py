@@ -74,7 +74,8 @@ class ReconstructionModel(nn.Module):
 
     def prepare(self, batches: Iterable[torch.Tensor]) -> None:
         """Called once before the first training step with the (filtered, un-augmented) training
-        inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing."""
+        inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing (the batches
+        are produced lazily, so they cost nothing unless read)."""
 
     def check_fit(self, n_images: int, device: torch.device) -> None:
         """Called with the training set's size before the run opens: raise ConfigError when

@@ -220,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
-    from freqexp.report import ReportError, existing_store
+    from freqexp.errors import ReportError
+    from freqexp.tracking import existing_store
 
     clients: Dict[str, MlflowClient] = {}
 

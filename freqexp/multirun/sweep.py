@@ -120,7 +120,7 @@ class SweepSummary(Callback):
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
         try:  # create the store and experiment once, before parallel jobs race to
-            from freqexp.orphans import reap, say
+            from freqexp.multirun.orphans import reap, say
             from freqexp.tracking import Tracker
 
             tracker = Tracker(config.tracking.uri, config.tracking.experiment)
