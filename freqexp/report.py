@@ -78,7 +78,7 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
     except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
         raise ReportError(f"tracking.uri: {uri}: the store cannot be read ({first_sentence(e)})") from None
     try:  # runs left RUNNING by a process killed hard: KILLED, said in one line
-        from freqexp.multirun.orphans import reap_store  # up a level (multirun): a report reaps killed sweeps' runs first
+        from freqexp.multirun.orphans import reap_store  # points up (multirun): a report reaps killed sweeps' runs first
 
         reap_store(uri, experiment)
     except Exception:  # noqa: BLE001 - a read-only store still gets its report
