@@ -42,13 +42,13 @@ PHASES = [  # (file, functions, label): where a grid job's time goes
     ("freqexp/run.py", ("execute",), "a job (freqexp.run.execute)"),
     ("lightning/pytorch/trainer/trainer.py", ("fit",), "  training (Lightning fit)"),
     ("freqexp/evaluate.py", ("evaluate",), "  evaluation"),
-    ("freqexp/figures.py", ("figure_data", "save"), "  figure data (figures.npz)"),
-    ("freqexp/figures.py", ("draw",), "  drawing figures"),
+    ("freqexp/multirun/figures.py", ("figure_data", "save"), "  figure data (figures.npz)"),
+    ("freqexp/multirun/figures.py", ("draw",), "  drawing figures"),
     ("freqexp/tracking.py", ("__init__", "find_finished", "start", "log_params", "log_metrics", "set_tags", "log_artifacts", "end"),
      "  MLflow calls"),
     ("hydra/_internal/config_loader_impl.py", ("load_sweep_config",), "composing job configs"),
     ("freqexp/overrides.py", ("check",), "checking the command line"),
-    ("freqexp/sweep.py", ("on_multirun_end",), "sweep end (leaderboard, best runs' figures)"),
+    ("freqexp/multirun/sweep.py", ("on_multirun_end",), "sweep end (leaderboard, best runs' figures)"),
 ]
 
 

@@ -21,3 +21,8 @@ class DataError(FreqexpError):
 
 class TrainingError(FreqexpError):
     """Training went wrong in a way a setting explains (NaN loss, ...)."""
+
+
+class ReportError(ValueError):
+    """Bad input for an option of a command that reads a store (report, figures, orphans); the
+    message names the option."""

@@ -14,10 +14,11 @@ Hydra's own flags (--multirun, --cfg job, ...) and hydra.* keys are left to Hydr
 value of a swept group is checked, and a key counts as known when any swept choice has it."""
 from __future__ import annotations
 
-import difflib
 import itertools
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from freqexp.checks import did_you_mean
 
 # nodes whose children are free-form (a weight or option per loss term)
 OPEN_PREFIXES = ("loss.weights.", "loss.params.", "hydra.")
@@ -40,16 +41,6 @@ def sweep_presets() -> List[str]:
     import freqexp.sweeps
 
     return sorted(p.stem for p in Path(freqexp.sweeps.__file__).resolve().parent.glob("*.yaml"))
-
-
-def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str:
-    candidates = list(candidates)
-    lower = {c.lower(): c for c in candidates}
-    close = [lower[c] for c in difflib.get_close_matches(word.lower(), list(lower), n=n, cutoff=0.5)]
-    if not close:  # also match on the last component (epochs -> trainer.max_epochs)
-        tail = word.rsplit(".", 1)[-1]
-        close = [c for c in candidates if tail and tail in c.rsplit(".", 1)[-1]][:n]
-    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def uri_problem(values: Sequence[str]) -> Optional[str]:

@@ -22,8 +22,9 @@ from typing import List, Optional, Sequence
 
 import pandas as pd
 
+from freqexp.errors import ReportError
 from freqexp.stats import CONFIDENCE, StatsError, lower_is_better, t_interval
-from freqexp.tracking import REPLICATE, RUN_CONTROL, defines_experiment
+from freqexp.tracking import REPLICATE, RUN_CONTROL, defines_experiment, existing_store
 
 METRICS = ["val/auroc", "val/ap", "test/auroc", "test/ap", "test/f1", "test/balanced_acc", "test/pixel_auroc",
            "train/throughput", "test/throughput"]
@@ -38,38 +39,12 @@ NOT_PRUNED = {"", "false", "0", "no", "nan", "none"}
 MAX_WARNINGS = 20  # repeated-seed lines printed; the rest are counted
 
 
-class ReportError(ValueError):
-    """Bad input for an option; the message names the option."""
-
-
 def pruned_mask(df: pd.DataFrame) -> pd.Series:
     """True for runs tagged pruned (tag `pruned` set to anything but false/0/no): FINISHED runs
     tagged pruned=true and KILLED runs a pruner stopped."""
     if "tags.pruned" not in df.columns:
         return pd.Series(False, index=df.index)
     return ~df["tags.pruned"].fillna("").astype(str).str.strip().str.lower().isin(NOT_PRUNED)
-
-
-def existing_store(uri: str) -> str:
-    """The store to read, which must exist: a report never creates an empty store (a typo in the
-    path would otherwise read nothing and leave a new database behind)."""
-    from freqexp.errors import ConfigError
-    from freqexp.tracking import check_reachable, check_uri, sqlite_path
-
-    try:
-        kind = check_uri(uri, "tracking.uri")  # the form first: MLflow's own error never names the key
-        path = sqlite_path(uri)
-        if kind == "sqlite" and path is None:
-            raise ConfigError("tracking.uri", f"{uri!r} is an empty in-memory store; give the sqlite:///PATH.db the runs wrote to")
-        if path is not None:
-            if not path.is_file():
-                raise ConfigError("tracking.uri", f"no MLflow store at {path}; runs write to the tracking.uri they were given "
-                                  "(default sqlite:///outputs/mlflow.db, relative to where they ran)")
-            return "sqlite:///" + str(path)
-        check_reachable(uri, "tracking.uri")
-    except ConfigError as e:
-        raise ReportError(str(e)) from None
-    return uri
 
 
 RUN_KEYS = {"tracking.uri": "uri", "tracking.experiment": "experiment", "sweep_id": "sweep_id"}
@@ -103,7 +78,7 @@ def load_runs(uri: str, experiment: Optional[str], sweep_id: Optional[str], filt
     except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
         raise ReportError(f"tracking.uri: {uri}: the store cannot be read ({first_sentence(e)})") from None
     try:  # runs left RUNNING by a process killed hard: KILLED, said in one line
-        from freqexp.orphans import reap_store
+        from freqexp.multirun.orphans import reap_store  # points up (multirun): a report reaps killed sweeps' runs first
 
         reap_store(uri, experiment)
     except Exception:  # noqa: BLE001 - a read-only store still gets its report

@@ -18,10 +18,10 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from freqexp import figures, pruning
+from freqexp.multirun import figures, pruning
 from freqexp.errors import FreqexpError
-from freqexp.sweep import STATUS_FILE
-from freqexp.validate import Plan, make_plan, objectives
+from freqexp.objective import STATUS_FILE, objectives
+from freqexp.validate import Plan, make_plan
 
 log = logging.getLogger("freqexp")
 
@@ -196,7 +196,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
     with phase("plan"):
         plan = make_plan(cfg)  # 1. every value checked, components built
     with phase("store"):
-        from freqexp.orphans import where_tags
+        from freqexp.multirun.orphans import where_tags
         from freqexp.tracking import Tracker
 
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -439,8 +439,6 @@ def write_status(output_dir: Path, **fields) -> None:
 
 def objective_value(cfg: DictConfig, metrics: Dict[str, float]):
     """sweep.objective: one value, or a tuple for a multi-objective sweeper."""
-    from freqexp.validate import objectives
-
     values = tuple(float(metrics[k]) if k in metrics else None for k in objectives(cfg))
     return values[0] if len(values) == 1 else values
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from freqexp.errors import ConfigError
+from freqexp.errors import ConfigError, ReportError
 
 # mlflow imports are deferred: they cost seconds, and a bad config should fail before them.
 
@@ -122,6 +122,25 @@ def check_reachable(uri: str, key: str, timeout: float = 3.0) -> None:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as e:
         raise ConfigError(key, f"cannot reach {scheme} server at {parts.hostname}:{port} ({e.strerror or e}); start it or fix the URI") from None
+
+
+def existing_store(uri: str) -> str:
+    """The store to read, which must exist: a report never creates an empty store (a typo in the
+    path would otherwise read nothing and leave a new database behind)."""
+    try:
+        kind = check_uri(uri, "tracking.uri")  # the form first: MLflow's own error never names the key
+        path = sqlite_path(uri)
+        if kind == "sqlite" and path is None:
+            raise ConfigError("tracking.uri", f"{uri!r} is an empty in-memory store; give the sqlite:///PATH.db the runs wrote to")
+        if path is not None:
+            if not path.is_file():
+                raise ConfigError("tracking.uri", f"no MLflow store at {path}; runs write to the tracking.uri they were given "
+                                  "(default sqlite:///outputs/mlflow.db, relative to where they ran)")
+            return "sqlite:///" + str(path)
+        check_reachable(uri, "tracking.uri")
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
+    return uri
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:

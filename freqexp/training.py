@@ -87,12 +87,11 @@ class ReconstructionModule(L.LightningModule):
                    nan_guard=cfg.trainer.nan_guard)
 
     def on_train_start(self):
-        from freqexp.models.base import ReconstructionModel  # here: models import this module
-
         loader = self.trainer.train_dataloader
-        if type(self.model).prepare is ReconstructionModel.prepare or not isinstance(loader, IndexBatches):
+        if not isinstance(loader, IndexBatches):
             return
-        # the training inputs in a fixed order (the loader's own shuffle stream is left untouched)
+        # the training inputs in a fixed order (the loader's own shuffle stream is left untouched),
+        # produced lazily: a model without a prepare() of its own never draws a batch
         plain = IndexBatches(loader.tensors[0], batch_size=loader.batch_size)
         with torch.no_grad():
             self.model.prepare(self.model_io(to_unit_float(b.to(self.device)), train=False)[0] for b in plain)

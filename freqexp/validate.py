@@ -3,19 +3,19 @@ with one line naming the key before data is read, a model trained or an MLflow r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from freqexp.augment import build_augment
+from freqexp.checks import boolean, choice, integer, number
 from freqexp.data import DATASETS, dataset_shape
 from freqexp.errors import ConfigError
 from freqexp.freq import build_filter
 from freqexp.losses import CompositeLoss, build_loss
 from freqexp.metrics import SCORE_REDUCTIONS
 from freqexp.models import ReconstructionModel, build_model
-from freqexp.models.base import choice, number
+from freqexp.objective import best_count, mode as figure_mode, objectives
 from freqexp.training import OPTIMIZERS, SCHEDULERS
 
 # Mixed precision keeps fp32 weights and fp32 inputs; "*-true" modes would need every input cast.
@@ -44,18 +44,6 @@ class Plan:
     fit_all: bool = False  # a one-pass model fitted on every normal training image (trainer.fit_on); no validation
 
 
-def _int(key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(key, f"must be an integer >= {low}; got {value!r}")
-    return value
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false; got {value!r}")
-    return value
-
-
 def resolve_hardware(hw) -> Hardware:
     accelerator = choice("hardware.accelerator", hw.accelerator, ("auto", "cpu", "gpu", "cuda"))
     has_cuda = torch.cuda.is_available()
@@ -71,7 +59,7 @@ def resolve_hardware(hw) -> Hardware:
     if accelerator == "cpu" and precision == "16-mixed":
         raise ConfigError("hardware.precision", "16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
     choice("hardware.precision", precision, PRECISIONS[accelerator])
-    if _int("hardware.devices", hw.get("devices", 1), 1) != 1:
+    if integer("hardware.devices", hw.get("devices", 1), 1) != 1:
         raise ConfigError("hardware.devices", "one device per run; run several jobs to use several GPUs")
     index = hw.get("device_index")
     if index is not None:
@@ -80,23 +68,6 @@ def resolve_hardware(hw) -> Hardware:
         elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < torch.cuda.device_count():
             raise ConfigError("hardware.device_index", f"must be a visible GPU, 0 to {torch.cuda.device_count() - 1}, or null; got {index!r}")
     return Hardware(accelerator, precision, torch.device("cuda", index) if accelerator == "gpu" else torch.device("cpu"))
-
-
-# What a sweep may optimize: validation and speed metrics. Test metrics are reported, never optimized.
-OBJECTIVE_METRICS = ("val/auroc", "val/ap", "val/f1", "val/throughput", "train/throughput", "sys/peak_memory_mb")
-
-
-def objectives(cfg) -> list[str]:
-    value = cfg.get("sweep", {}).get("objective", "val/auroc")
-    keys = [value] if isinstance(value, str) else list(value or [])
-    for key in keys:
-        if isinstance(key, str) and key.startswith("test/"):
-            raise ConfigError("sweep.objective", f"{key} is a test metric: the test split is only reported; optimize one of {', '.join(OBJECTIVE_METRICS)}")
-        if key not in OBJECTIVE_METRICS:
-            raise ConfigError("sweep.objective", f"no run logs {key!r}; use one of {', '.join(OBJECTIVE_METRICS)} (or a list of them)")
-    if not keys:
-        raise ConfigError("sweep.objective", f"give at least one of {', '.join(OBJECTIVE_METRICS)}")
-    return keys
 
 
 def check_loss_for_model(cfg, model: ReconstructionModel) -> None:
@@ -116,19 +87,19 @@ def make_plan(cfg) -> Plan:
     import lightning.pytorch as L
 
     # Seed before anything random is built (model weights), so a run repeats exactly.
-    L.seed_everything(_int("seed", cfg.seed, 0), workers=True, verbose=False)
+    L.seed_everything(integer("seed", cfg.seed, 0), workers=True, verbose=False)
     t = cfg.trainer
-    _int("trainer.max_epochs", t.max_epochs, 1)
-    _int("trainer.batch_size", t.batch_size, 1)
-    _int("trainer.eval_batch_size", t.eval_batch_size, 1)
-    _int("trainer.val_every_n_epochs", t.val_every_n_epochs, 1)
+    integer("trainer.max_epochs", t.max_epochs, 1)
+    integer("trainer.batch_size", t.batch_size, 1)
+    integer("trainer.eval_batch_size", t.eval_batch_size, 1)
+    integer("trainer.val_every_n_epochs", t.val_every_n_epochs, 1)
     for key in ("progress_bar", "restore_best", "nan_guard"):
-        _bool(f"trainer.{key}", t[key])
-    _bool("trainer.early_stopping.enabled", t.early_stopping.enabled)
+        boolean(f"trainer.{key}", t[key])
+    boolean("trainer.early_stopping.enabled", t.early_stopping.enabled)
     if t.restore_best and t.max_epochs % t.val_every_n_epochs:
         raise ConfigError("trainer.val_every_n_epochs", f"must divide trainer.max_epochs ({t.max_epochs}) so the last epoch is validated "
                           f"before the best one is restored; got {t.val_every_n_epochs} (or set trainer.restore_best=false)")
-    _int("trainer.early_stopping.patience", t.early_stopping.patience, 0)
+    integer("trainer.early_stopping.patience", t.early_stopping.patience, 0)
     number("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0)
     o = cfg.optim
     choice("optim.name", o.name, OPTIMIZERS)
@@ -151,10 +122,8 @@ def make_plan(cfg) -> Plan:
     resolve_uri(cfg.tracking.uri)
     if not isinstance(cfg.tracking.experiment, str) or not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment", f"must be a non-empty name; got {cfg.tracking.experiment!r}")
-    from freqexp import figures
-
-    figures.mode(cfg)  # the name only: auto is resolved when the run knows whether it is a sweep's job
-    figures.best_count(cfg)
+    figure_mode(cfg)  # the name only: auto is resolved when the run knows whether it is a sweep's job
+    best_count(cfg)
     objectives(cfg)
     DATASETS.get(cfg.dataset.name).check(cfg.dataset)
     from freqexp.data.cache import check_cache_options

@@ -82,9 +82,9 @@ def test_bad_values_fail_validation_in_one_line(overrides, key, names):
 
 def test_sweep_settings_that_would_fail_every_job_are_one_line():
     """docs/sweeps.md: a pruner on a grid or a single run, or on a multi-objective search, and a
-    study database that does not answer stop the sweep before any job (freqexp.sweep checks them
+    study database that does not answer stop the sweep before any job (freqexp.multirun.sweep checks them
     with these functions when the sweep starts)."""
-    from freqexp import pruning
+    from freqexp.multirun import pruning
     from freqexp.tracking import check_reachable
 
     with pytest.raises(ConfigError) as e:

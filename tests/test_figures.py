@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from freqexp import figures, plots
+from freqexp import plots
+from freqexp.multirun import figures
 from freqexp.errors import ConfigError
 from tests.conftest import compose_cfg
 

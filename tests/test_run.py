@@ -219,7 +219,7 @@ def test_multirun_isolates_a_failing_job(tmp_path):
     assert pngs | {"figures.npz"} <= {a.path for a in client.list_artifacts(finished[0]["run_id"])}
     assert not pngs & {a.path for a in client.list_artifacts(finished[1]["run_id"])}
     assert "figures: drawn for the best 1 of 2 run(s)" in out
-    from freqexp.figures import main as figures_main
+    from freqexp.multirun.figures import main as figures_main
 
     assert figures_main([str(other)]) == 0  # its store from the run's own config.yaml
     assert pngs <= {a.path for a in client.list_artifacts(finished[1]["run_id"])}

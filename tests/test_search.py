@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from freqexp import pruning
+from freqexp.multirun import pruning
 from freqexp.errors import ConfigError
-from freqexp.parallel import DeviceSlots, plan_workers, with_device
+from freqexp.multirun.parallel import DeviceSlots, plan_workers, with_device
 from tests.conftest import PYTHON, cli, read_runs
 
 SEARCH = ["--multirun", "+sweep=optuna", "dataset=synthetic", "trainer.progress_bar=false", "tracking.figures=none",
@@ -212,7 +212,7 @@ def test_a_grid_on_two_workers_runs_every_job_once_through_the_default_launcher(
     assert sorted(s["run_id"] for s in statuses) == sorted(runs["run_id"])  # each job in its own dir, once
     # two worker processes ran the three jobs: one of them ran two (its imports and data served both),
     # and each took half of the cores
-    from freqexp.orphans import PID_TAG
+    from freqexp.multirun.orphans import PID_TAG
 
     pids = runs[f"tags.{PID_TAG}"].astype(int)
     assert pids.nunique() == 2 and pids.value_counts().max() == 2
@@ -294,7 +294,7 @@ def test_a_sweep_killed_hard_leaves_no_running_trial_or_run_behind(tmp_path):
 
 
 def test_the_orphan_command_marks_only_runs_whose_process_is_gone(tmp_path):
-    from freqexp.orphans import HOST_TAG, PID_TAG, main, where_tags
+    from freqexp.multirun.orphans import HOST_TAG, PID_TAG, main, where_tags
 
     uri = f"sqlite:///{tmp_path / 'o.db'}"
     client = MlflowClient(uri)
@@ -316,7 +316,7 @@ def test_a_job_config_composed_to_check_the_batch_is_the_one_the_job_runs_with()
     job on that composition (once per job, not twice), and nothing else is ever kept or reused."""
     import pickle
 
-    from freqexp.parallel import ComposedConfigs, checked_config, compose_job
+    from freqexp.multirun.parallel import ComposedConfigs, checked_config, compose_job
 
     class Loader:
         def __init__(self):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freqexp.augment.base import AUGMENTS, check_probability
+from freqexp.checks import choice
 from freqexp.errors import ConfigError
 from freqexp.freq.bands import BAND_NAMES, DEFAULT_EDGES, band_weight_map, check_edges
 
@@ -162,8 +163,7 @@ class FrequencyCutPaste(CutPaste):
         band_edges=DEFAULT_EDGES,
     ):
         super().__init__(p=p, area=area, aspect=aspect, scale=scale)
-        if strategy not in STRATEGIES:
-            raise ConfigError("augment.strategy", f"must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        choice("augment.strategy", strategy, STRATEGIES)
         if dual_mode not in ("mix", "random"):
             raise ConfigError("augment.dual_mode", f"must be mix or random; got {dual_mode!r}")
         self.strategy, self.dual_mode = strategy, dual_mode

@@ -232,7 +232,7 @@ _BANK: Dict[Tuple, torch.Tensor] = {}  # the last bank read, kept across runs of
 def texture_files(folder, key: str = "augment.texture_dir") -> list[Path]:
     """The image files in `folder` and every subfolder below it (DTD keeps its images in one
     subfolder per class), sorted by path; hidden files skipped. ConfigError when there are none."""
-    from freqexp.data.images import DEFAULT_EXTENSIONS
+    from freqexp.data.images import DEFAULT_EXTENSIONS  # data's, on this floor: textures are image files
 
     root = Path(str(folder)).expanduser()
     if not root.is_dir():
@@ -254,7 +254,7 @@ def spread(files: list, limit: Optional[int]) -> list:
 def texture_bank(folder, channels: int, height: int, width: int, limit: Optional[int] = None) -> torch.Tensor:
     """uint8 textures [N, C, H, W] on the CPU, each resized (stretched, bilinear) to the image size
     as DRAEM's loader does; read once per process for the same folder, size and limit."""
-    from freqexp.data.images import Geometry, decode
+    from freqexp.data.images import Geometry, decode  # data's, on this floor: decoded as datasets' images are
 
     files = spread(texture_files(folder), limit)
     key = (str(Path(str(folder)).expanduser().resolve()), channels, height, width, len(files))

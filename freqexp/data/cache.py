@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from freqexp.checks import choice
 from freqexp.data.base import OneClassData, Split
 from freqexp.errors import ConfigError
 
@@ -46,8 +47,7 @@ SAFETY_FRACTION = 0.5
 def check_cache_options(cfg) -> None:
     """dataset.cache and dataset.cache_dir, for any dataset's check(); absent keys mean the defaults."""
     mode = cfg.get("cache", "auto")
-    if mode not in MODES:
-        raise ConfigError("dataset.cache", f"must be one of {' | '.join(MODES)}; got {mode!r}")
+    choice("dataset.cache", mode, MODES, sep=" | ")
     cache_dir = cfg.get("cache_dir", DEFAULT_CACHE_DIR)
     if not isinstance(cache_dir, str) or not cache_dir.strip():
         raise ConfigError("dataset.cache_dir", f"must be a folder path for memory-mapped image caches; got {cache_dir!r}")

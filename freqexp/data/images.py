@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from freqexp.checks import is_int, is_number
 from freqexp.errors import ConfigError, DataError
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -57,14 +58,6 @@ def one_line(e: BaseException) -> str:
 
 
 # -- options ----------------------------------------------------------------------------------
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
 
 def size_option(cfg, key: str, minimum: int = 4) -> Optional[tuple[int, int]]:
     """null, an integer (square) or [H, W] -> None or (H, W)."""

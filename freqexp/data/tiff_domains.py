@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from freqexp.checks import choice
 from freqexp.data.base import DATASETS, OneClassData, Split
 from freqexp.data.cache import cache_dir_of, cached_array, check_cache_options, digest, resolve_mode, source_fingerprint
 from freqexp.errors import ConfigError, DataError
@@ -277,15 +278,10 @@ def image_size(cfg) -> Optional[tuple[int, int]]:
     return (pair[0], pair[1])
 
 
-def choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(key, f"must be one of {' | '.join(allowed)}; got {value!r}")
-
-
 def check_options(cfg) -> None:
     image_size(cfg)
-    choice("dataset.normalize", cfg.normalize, NORMALIZE)
-    choice("dataset.minmax_scope", cfg.get("minmax_scope", "image"), MINMAX_SCOPES)
+    choice("dataset.normalize", cfg.normalize, NORMALIZE, sep=" | ")
+    choice("dataset.minmax_scope", cfg.get("minmax_scope", "image"), MINMAX_SCOPES, sep=" | ")
     if cfg.normalize == "fixed":
         r = cfg.get("range")
         ok = r is not None and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
@@ -297,7 +293,7 @@ def check_options(cfg) -> None:
     ar = cfg.val_anomaly_ratio
     if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not ar > 0:
         raise ConfigError("dataset.val_anomaly_ratio", f"must be a number > 0; got {ar!r}")
-    choice("dataset.val_anomalies", cfg.val_anomalies, VAL_ANOMALIES)
+    choice("dataset.val_anomalies", cfg.val_anomalies, VAL_ANOMALIES, sep=" | ")
     v = cfg.get("limit_train")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
         raise ConfigError("dataset.limit_train", f"must be null or an integer >= 1; got {v}")

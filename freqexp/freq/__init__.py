@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
+from freqexp.checks import choice
 from freqexp.errors import ConfigError
 from freqexp.freq.dct import DCTFilter
 from freqexp.freq.dwt import DWTFilter
@@ -59,6 +60,5 @@ def build_filter_module(cfg, prefix: str = "filter") -> nn.Module:
 
 def build_filter(cfg) -> tuple[nn.Module, str]:
     placement = cfg.get("apply_to", "input")
-    if placement not in PLACEMENTS:
-        raise ConfigError("filter.apply_to", f"must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
+    choice("filter.apply_to", placement, PLACEMENTS)
     return build_filter_module(cfg), placement

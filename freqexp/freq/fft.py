@@ -29,6 +29,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import nn
 
+from freqexp.checks import choice, is_number
 from freqexp.errors import ConfigError
 
 KINDS = ("ideal", "gaussian", "butterworth", "butterworth_3db")
@@ -78,15 +79,9 @@ def transfer_function(height: int, width: int, kind: str, passband: str, cutoff,
     return highpass(r, kind, low_c, order) * lowpass(r, kind, high_c, order)
 
 
-def _is_number(c) -> bool:
-    return isinstance(c, (int, float)) and not isinstance(c, bool)
-
-
 def check_fft_options(kind, passband, cutoff, order, prefix: str = "filter", unit: str = "nyquist") -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"{prefix}.kind", f"must be one of {', '.join(KINDS)}; got {kind!r}")
-    if passband not in PASSES:
-        raise ConfigError(f"{prefix}.pass", f"must be one of {', '.join(PASSES)}; got {passband!r}")
+    choice(f"{prefix}.kind", kind, KINDS)
+    choice(f"{prefix}.pass", passband, PASSES)
     if unit not in UNITS:
         raise ConfigError(f"{prefix}.unit", f"must be nyquist (cutoff as a fraction of the Nyquist radius) or px "
                                             f"(cutoff in frequency samples, FAIR's D0); got {unit!r}")
@@ -94,9 +89,9 @@ def check_fft_options(kind, passband, cutoff, order, prefix: str = "filter", uni
     allowed = "in (0, 1] (fractions of the Nyquist radius)" if unit == "nyquist" else "> 0 (frequency samples from the centre)"
     if passband == "band":
         ok = isinstance(cutoff, Sequence) and not isinstance(cutoff, str) and len(cutoff) == 2
-        if not ok or not all(_is_number(c) and in_range(c) for c in cutoff) or not cutoff[0] < cutoff[1]:
+        if not ok or not all(is_number(c) and in_range(c) for c in cutoff) or not cutoff[0] < cutoff[1]:
             raise ConfigError(f"{prefix}.cutoff", f"band pass needs two cutoffs [low, high] with low < high, each {allowed}; got {cutoff!r}")
-    elif not _is_number(cutoff) or not in_range(cutoff):
+    elif not is_number(cutoff) or not in_range(cutoff):
         raise ConfigError(f"{prefix}.cutoff", f"must be {allowed} with {prefix}.unit={unit}; got {cutoff!r}")
     if kind.startswith("butterworth") and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
         raise ConfigError(f"{prefix}.order", f"Butterworth order must be an integer >= 1; got {order!r}")

@@ -22,8 +22,9 @@ from typing import Dict
 import torch
 from torch import nn
 
+from freqexp.checks import non_negative_int, non_negative_number, positive_int, positive_int_list
 from freqexp.errors import ConfigError
-from freqexp.models.base import MODELS, ReconstructionModel, positive_int, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 
 
 def encoder_sizes(size: int, depth: int) -> list[int]:
@@ -32,18 +33,6 @@ def encoder_sizes(size: int, depth: int) -> list[int]:
     for _ in range(depth):
         sizes.append(math.ceil(sizes[-1] / 2))
     return sizes
-
-
-def non_negative_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(key, f"must be an integer >= 0; got {value!r}")
-    return value
-
-
-def non_negative_number(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(key, f"must be a number >= 0; got {value!r}")
-    return float(value)
 
 
 def check_conv_depth(h: int, w: int, stages: int, key: str = "model.channels") -> None:

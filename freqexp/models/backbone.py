@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import choice
 from freqexp.errors import ConfigError
 
 log = logging.getLogger("freqexp")
@@ -102,8 +103,7 @@ class ResNet(nn.Module):
 
     def __init__(self, arch: str = "resnet18", num_classes: int = 1000):
         super().__init__()
-        if arch not in ARCHS:
-            raise ConfigError("model.backbone.arch", f"must be one of {', '.join(ARCHS)}; got {arch!r}")
+        choice("model.backbone.arch", arch, ARCHS)
         block, blocks, self.width_per_group = ARCHS[arch]
         self.arch = arch
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)

@@ -13,19 +13,6 @@ from freqexp.registry import Registry
 MODELS: Registry[type["ReconstructionModel"]] = Registry("model", "model")
 
 
-def positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"must be a positive integer; got {value!r}")
-    return value
-
-
-def positive_int_list(key: str, value: Any) -> list[int]:
-    values = list(value) if not isinstance(value, (str, int)) else None
-    if not values:
-        raise ConfigError(key, f"must be a non-empty list of positive integers, e.g. [32,64]; got {value!r}")
-    return [positive_int(key, v) for v in values]
-
-
 class ReconstructionModel(nn.Module):
     """forward(x) -> dict with at least `recon` ([B,C,H,W] in [0,1]);
     extra_losses(out) -> model-specific weighted terms (KL, ...) added to the configured loss;
@@ -87,7 +74,8 @@ class ReconstructionModel(nn.Module):
 
     def prepare(self, batches: Iterable[torch.Tensor]) -> None:
         """Called once before the first training step with the (filtered, un-augmented) training
-        inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing."""
+        inputs in batches, e.g. to initialize memory slots by k-means. Default: nothing (the batches
+        are produced lazily, so they cost nothing unless read)."""
 
     def check_fit(self, n_images: int, device: torch.device) -> None:
         """Called with the training set's size before the run opens: raise ConfigError when
@@ -147,18 +135,3 @@ class GradientFreeModel(ReconstructionModel):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return x  # nothing better by default: figures then show the input itself
 
-
-def number(key: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
-    """A float option checked against [low, high] (or (low, high] with low_open)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ConfigError(key, f"must be a number {rng}; got {value!r}")
-    return float(value)
-
-
-def choice(key: str, value: Any, allowed) -> str:
-    if value not in allowed:
-        raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
-    return value

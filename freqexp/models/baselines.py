@@ -20,9 +20,10 @@ from typing import List
 
 import torch
 
+from freqexp.checks import positive_int
 from freqexp.errors import ConfigError
 from freqexp.models.bank_search import BankIndex, nearest_k
-from freqexp.models.base import MODELS, GradientFreeModel, positive_int
+from freqexp.models.base import MODELS, GradientFreeModel
 
 class FlatImageFit(GradientFreeModel):
     """Collects the flattened training inputs; subclasses turn them into their state in fit()

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import choice, number, positive_int, positive_int_list
 from freqexp.errors import ConfigError
-from freqexp.models.base import MODELS, ReconstructionModel, choice, number, positive_int, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 
 SCHEDULES = ("linear", "cosine")
 

@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from freqexp.augment.geometric import random_rotation
+from freqexp.checks import choice, number, positive_int_list
 from freqexp.errors import ConfigError
 from freqexp.models.autoencoders import ConvDecoder, ConvEncoder
 from freqexp.training import ReconstructionModule
-from freqexp.models.base import MODELS, ReconstructionModel, choice, number, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 from freqexp.models.ganomaly import check_stages, eval_mode
 
 

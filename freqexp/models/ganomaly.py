@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import number, positive_int, positive_int_list
 from freqexp.errors import ConfigError, TrainingError
 from freqexp.models.autoencoders import ConvDecoder, ConvEncoder, encoder_sizes
 from freqexp.training import ReconstructionModule
-from freqexp.models.base import MODELS, ReconstructionModel, number, positive_int, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 
 
 @contextmanager

@@ -66,9 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import choice, number, positive_int, positive_int_list
 from freqexp.errors import ConfigError
 from freqexp.models.autoencoders import ConvDecoder, ConvEncoder, check_conv_depth, encoder_sizes
-from freqexp.models.base import MODELS, ReconstructionModel, choice, number, positive_int, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 
 # ----------------------------------------------------------------------------- k-means
 

@@ -59,11 +59,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from freqexp import progress
+from freqexp.checks import choice, number, positive_int
 from freqexp.errors import ConfigError
 from freqexp.freq.dwt import dwt2, wavelet_filters
 from freqexp.models.backbone import LAYERS, FeatureExtractor, autocast_to
 from freqexp.models.bank_search import BankIndex, available_host_bytes, fast_bf16, free_device_bytes, nearest_distance, nearest_k
-from freqexp.models.base import MODELS, GradientFreeModel, choice, number, positive_int
+from freqexp.models.base import MODELS, GradientFreeModel
 from freqexp.models.coreset import approximate_greedy_coreset, greedy_coreset  # noqa: F401 (re-exported)
 
 log = logging.getLogger("freqexp")

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import choice, non_negative_number, number, positive_int, positive_int_list
 from freqexp.errors import ConfigError
 from freqexp.models.autoencoders import (
-    _ConvBottleneckAE, check_conv_depth, encoder_sizes, non_negative_number, up_step,
+    _ConvBottleneckAE, check_conv_depth, encoder_sizes, up_step,
 )
-from freqexp.models.base import MODELS, ReconstructionModel, choice, number, positive_int, positive_int_list
+from freqexp.models.base import MODELS, ReconstructionModel
 
 
 def input_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import number, positive_int
 from freqexp.errors import ConfigError
-from freqexp.models.base import MODELS, ReconstructionModel, number, positive_int
+from freqexp.models.base import MODELS, ReconstructionModel
 
 
 def sincos_positions(rows: int, cols: int, dim: int) -> torch.Tensor:

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.checks import choice
 from freqexp.errors import ConfigError
-from freqexp.models.base import MODELS, choice
+from freqexp.models.base import MODELS
 from freqexp.models.bank_search import BankIndex, nearest_distance
 from freqexp.models.memory_bank import PatchCore, gaussian_filter
 

@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
 
-from freqexp import pruning
+from freqexp.multirun import pruning
 from freqexp.errors import ConfigError
 
 log = logging.getLogger("freqexp")
@@ -115,7 +115,7 @@ class FreqexpOptunaSweeperImpl(OptunaSweeperImpl):
         warnings.filterwarnings("ignore", message=r".*UniformDistribution has been deprecated", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r"fail_stale_trials is experimental")
 
-        from freqexp.parallel import DeviceSlots, JobPool, plan_workers
+        from freqexp.multirun.parallel import DeviceSlots, JobPool, plan_workers
         from freqexp.validate import check_searchable
 
         cfg = self.config

@@ -1,6 +1,6 @@
 """Pruning for Optuna searches: Optuna's own pruners, fed each validated epoch's objective.
 
-The freqexp Optuna sweeper (freqexp/optuna_sweeper.py) asks the study for a trial and runs its
+The freqexp Optuna sweeper (freqexp/multirun/optuna_sweeper.py) asks the study for a trial and runs its
 job; the job finds that trial here (`current()`), reports the sweep objective (`val/auroc`; with
 trainer.restore_best its value at the best epoch so far, the weights the run would be evaluated
 with) after every validation epoch through optuna-integration's Lightning pruning callback, at
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from freqexp.errors import ConfigError
+from freqexp.objective import objectives
 
 PRUNERS = ("none", "median", "successive_halving", "hyperband", "threshold")
 # metrics a job reports every validation epoch: what a pruner can watch
@@ -99,8 +100,6 @@ def check(config: Any, optuna_sweep: bool) -> None:
     """Raise a ConfigError on `sweep.pruner` for an unknown name or setting, a pruner without an
     Optuna search, with several objectives, or watching a metric that is not reported every
     epoch."""
-    from freqexp.validate import objectives
-
     pruner_cfg = (config.get("sweep") or {}).get("pruner")
     build(pruner_cfg, int(config.trainer.max_epochs))  # names and settings
     name = name_of(pruner_cfg)
@@ -119,8 +118,6 @@ def check(config: Any, optuna_sweep: bool) -> None:
 
 def reports_every_epoch(config: Any) -> bool:
     """A trial reports its objective each epoch when there is one objective, measured each epoch."""
-    from freqexp.validate import objectives
-
     keys = objectives(config)
     return len(keys) == 1 and keys[0] in PER_EPOCH_OBJECTIVES
 

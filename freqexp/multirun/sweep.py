@@ -6,12 +6,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-STATUS_FILE = "job_status.json"  # one per job dir, written by freqexp.run.task
+from freqexp.objective import STATUS_FILE, first_objective, objectives
+
 log = logging.getLogger("freqexp")
 
 
@@ -22,13 +23,6 @@ def collect(sweep_dir: Path) -> list[dict]:
         entry["job_dir"] = str(status.parent)
         jobs.append(entry)
     return jobs
-
-
-def first_objective(job: dict) -> Optional[float]:
-    """A job's sweep objective from its status (the first of several), or None when it has none."""
-    value = job.get("objective")
-    value = value[0] if isinstance(value, list) else value
-    return float(value) if value is not None else None
 
 
 def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
@@ -103,10 +97,9 @@ def is_freqexp_optuna(config: DictConfig) -> bool:
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from freqexp.errors import ConfigError
-        from freqexp.validate import objectives
 
-        from freqexp import pruning
-        from freqexp.parallel import plan_workers
+        from freqexp.multirun import pruning
+        from freqexp.multirun.parallel import plan_workers
 
         try:  # a bad objective, pruner or worker count would fail every job: say it once, before any starts
             objectives(config)
@@ -127,7 +120,7 @@ class SweepSummary(Callback):
             print(f"freqexp: error: {e}", file=sys.stderr)
             sys.exit(2)
         try:  # create the store and experiment once, before parallel jobs race to
-            from freqexp.orphans import reap, say
+            from freqexp.multirun.orphans import reap, say
             from freqexp.tracking import Tracker
 
             tracker = Tracker(config.tracking.uri, config.tracking.experiment)
@@ -149,7 +142,7 @@ class SweepSummary(Callback):
         except Exception as e:  # the jobs' own runs are already safe; say so and go on
             log.warning("could not write the sweep's leaderboard: %s", e)
         try:  # tracking.figures=best (a sweep's default): the best runs' figures, drawn now from their figures.npz
-            from freqexp import figures
+            from freqexp.multirun import figures
 
             drawn = figures.draw_best(config, jobs)
             saved = sum(j["status"] == "finished" and (Path(j["job_dir"]) / figures.NPZ).exists() for j in jobs)

@@ -156,7 +156,7 @@ def execute_job(idx: int, overrides: Sequence[str], hydra_context, config: DictC
     from hydra.core.singleton import Singleton
     from hydra.core.utils import configure_log, run_job, setup_globals
 
-    from freqexp import pruning
+    from freqexp.multirun import pruning
 
     if threads is not None:
         import torch
