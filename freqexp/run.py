@@ -217,7 +217,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
         data = with_expanded_train(data, plan.augment)
         if plan.fit_all:  # a one-pass model: the held-out normals join its fit, nothing is validated
-            data = with_all_normals(data)
+            data = with_all_normals(data, cfg.dataset.get("limit_train"))
         elif cfg.dataset.get("val_anomalies") == "pseudo":
             generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
             data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)

@@ -49,6 +49,8 @@ def test_with_all_normals_moves_the_held_out_normals_into_the_fit_and_empties_va
     out = with_all_normals(_data())
     assert len(out.train) == 9 and sorted(out.train.images[:, 0, 0, 0].tolist()) == [1] * 6 + [2] * 3
     assert len(out.val) == 0 and len(out.test) == 4  # the anomalies of val are not fitted on
+    assert len(with_all_normals(_data(), limit=7).train) == 7  # dataset.limit_train caps what is fitted on
+    assert len(with_all_normals(_data(), limit=2).train) == 6  # a loader's own cap is never undone
 
 
 @pytest.mark.parametrize("model, fit_on, val_anomalies, expected", [

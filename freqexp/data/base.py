@@ -174,12 +174,15 @@ def validation_protocol(val_anomalies: Optional[str], validated: bool) -> str:
     return SEMI_SUPERVISED if validated and val_anomalies not in (None, "pseudo") else UNSUPERVISED
 
 
-def with_all_normals(data: OneClassData) -> OneClassData:
+def with_all_normals(data: OneClassData, limit: Optional[int] = None) -> OneClassData:
     """The held-out validation normals join the training split and validation is left empty:
     a one-pass model (PatchCore, WEDGE-Net, kNN, PCA) fitted on every normal training image, as
-    the official code fits its bank on all of train/good."""
+    the official code fits its bank on all of train/good. `limit` (dataset.limit_train) still
+    caps the images fitted on."""
     normal = data.val.labels == 0
     images = torch.cat([data.train.images, data.val.images[normal].to(data.train.images.device, data.train.images.dtype)])
+    if limit is not None:
+        images = images[: max(len(data.train), int(limit))]
     train = Split(images, torch.zeros(len(images), dtype=torch.long))
     empty = data.val.subset(torch.zeros(0, dtype=torch.long))
     return OneClassData(train, empty, data.test, {**data.info, "fit_on": "all"})
