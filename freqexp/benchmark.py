@@ -242,9 +242,16 @@ def build(df: pd.DataFrame, metric: str = METRIC, published: Sequence[Published]
                len(classes)) for x in published]
     seeds = sorted({str(s) for s in runs["_seed"].dropna()}, key=lambda s: (len(s), s))
     epochs = _values(params[[not gradient_free(m) for m in models]], "trainer.max_epochs")
-    train_share = [f"{100 * (1 - float(v)):g} %" for v in _values(params, "dataset.val_fraction")]
+    trained = params[[not gradient_free(m) for m in models]]
+    train_share = [f"{100 * (1 - float(v)):g} %" for v in _values(trained, "dataset.val_fraction")]
     setup = [f"Our models train on {' / '.join(train_share) or 'all'} of the normal class's training images in both "
              "protocols (the rest is the validation split)."]
+    fits = _values(params[[gradient_free(m) for m in models]], "resolved.fit_on")
+    if fits:
+        fitted_all = all(v.startswith("all") for v in fits)
+        setup.append("The one-pass baselines are fitted on every normal training image (trainer.fit_on=all), as their "
+                     "published protocol is." if fitted_all else "Some one-pass baseline runs were fitted on the "
+                     "training split only (trainer.fit_on=train), not on every normal training image.")
     limits = [f"{k}={v}" for k in ("dataset.limit_train", "dataset.limit_test") for v in _values(params, k)
               if v.lower() != "none"]
     if limits:
