@@ -241,12 +241,13 @@ def build(df: pd.DataFrame, metric: str = METRIC, published: Sequence[Published]
                {str(i): (v, None, 0) for i, v in enumerate(x.per_class)} if x.per_class else {}, x.mean, None,
                len(classes)) for x in published]
     seeds = sorted({str(s) for s in runs["_seed"].dropna()}, key=lambda s: (len(s), s))
-    epochs = _values(params[[not gradient_free(m) for m in models]], "trainer.max_epochs")
-    trained = params[[not gradient_free(m) for m in models]]
+    one_pass = [gradient_free(m) for m in models]
+    trained = params[[not f for f in one_pass]]
+    epochs = _values(trained, "trainer.max_epochs")
     train_share = [f"{100 * (1 - float(v)):g} %" for v in _values(trained, "dataset.val_fraction")]
     setup = [f"Our models train on {' / '.join(train_share) or 'all'} of the normal class's training images in both "
              "protocols (the rest is the validation split)."]
-    fits = _values(params[[gradient_free(m) for m in models]], "resolved.fit_on")
+    fits = _values(params[one_pass], "resolved.fit_on")
     if fits:
         fitted_all = all(v.startswith("all") for v in fits)
         setup.append("The one-pass baselines are fitted on every normal training image (trainer.fit_on=all), as their "

@@ -228,10 +228,11 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
                            f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
     output_dir.mkdir(parents=True, exist_ok=True)
+    protocol = validation_protocol(cfg.dataset.get("val_anomalies"), not plan.fit_all)
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()),
-                "protocol": validation_protocol(cfg.dataset.get("val_anomalies"), not plan.fit_all), **where_tags(), **(tags or {})}
+                "protocol": protocol, **where_tags(), **(tags or {})}
     with phase("run_start"):
         run_id = tracker.start(run_name or run_label(cfg), run_tags)
     previous_sigterm = on_sigterm_raise_interrupt()
@@ -241,7 +242,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
             reduction = cfg.score.reduction
             params["resolved.score"] = plan.model.score_description() if reduction == "auto" else f"{reduction} of the anomaly map"
             params.update({f"choice.{group}": option for group, option in group_choices().items()})
-            params.update(protocol_params(cfg, plan, data))
+            params.update(protocol_params(cfg, plan, data, protocol))
             params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
                            "resolved.cpu_threads": torch.get_num_threads(), "model.n_params": sum(p.numel() for p in plan.model.parameters())})
             params.update({f"data.{k}": v for k, v in data.counts().items()})
@@ -333,16 +334,15 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         restore_sigterm(previous_sigterm)
 
 
-def protocol_params(cfg, plan, data) -> Dict[str, str]:
-    """What the run was fitted on, what validated it and where pixels were scored, in words
-    (params: resolved.protocol, resolved.fit_on, resolved.pixel_region)."""
-    from freqexp.data.base import validation_protocol
+def protocol_params(cfg, plan, data, protocol: str) -> Dict[str, str]:
+    """What the run was fitted on, what validated it (`protocol`, freqexp.data.base.validation_protocol)
+    and where pixels were scored, in words (params: resolved.protocol, resolved.fit_on, resolved.pixel_region)."""
+    from freqexp.data.base import UNSUPERVISED
 
     val_anomalies = cfg.dataset.get("val_anomalies")
-    protocol = validation_protocol(val_anomalies, not plan.fit_all)
     if plan.fit_all:
         why = "no validation: the model was fitted on every normal training image"
-    elif protocol == "unsupervised":
+    elif protocol == UNSUPERVISED:
         why = "validation anomalies are synthetic (dataset.val_anomalies=pseudo)"
     else:
         why = (f"validation holds real anomalies (dataset.val_anomalies={val_anomalies}): selecting on them is "

@@ -185,4 +185,4 @@ def with_all_normals(data: OneClassData, limit: Optional[int] = None) -> OneClas
         images = images[: max(len(data.train), int(limit))]
     train = Split(images, torch.zeros(len(images), dtype=torch.long))
     empty = data.val.subset(torch.zeros(0, dtype=torch.long))
-    return OneClassData(train, empty, data.test, {**data.info, "fit_on": "all"})
+    return OneClassData(train, empty, data.test, data.info)
