@@ -77,6 +77,52 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, maps: Optional[torch.Tensor], masks: Optional[torch.Tensor],
+                    region, with_ranking: bool = True) -> Dict[str, float]:
+    """Threshold-free metrics of one set of test images: AUROC and AP (with_ranking), F1-max
+    (test/f1_best, the oracle threshold, anomalib's F1-max) and, where masks have both pixel
+    classes, pixel AUROC and PRO on `region` (top, left, height, width; None: the whole image)."""
+    out: Dict[str, float] = {}
+    if with_ranking:
+        out["test/auroc"], out["test/ap"] = roc_auc(scores, labels), average_precision(scores, labels)
+    out["test/f1_best"] = best_f1_threshold(scores, labels)[1]
+    if maps is not None and masks is not None and has_both_pixel_classes(masks):  # undefined without defect pixels
+        if region is not None:
+            top, left, h, w = region
+            maps, masks = maps[..., top : top + h, left : left + w], masks[..., top : top + h, left : left + w]
+        if has_both_pixel_classes(masks):
+            out["test/pixel_auroc"] = roc_auc(maps.flatten(), masks.flatten())
+            out["test/pro"] = pro_auc(maps, masks, max_fpr=PRO_MAX_FPR)
+    return out
+
+
+MEAN_OVER_CATEGORIES = ("auroc", "ap", "f1_best", "pixel_auroc", "pro")
+
+
+def category_metrics(test: Scored, masks: Optional[torch.Tensor], region, categories: list[str]) -> Dict[str, float]:
+    """A test of several categories (the zero-shot protocol's whole target dataset): each
+    category's metrics as test/category/<name>/<metric>, and test/<metric> replaced by their mean
+    over categories, the figure papers report (the pooled values stay as test/pooled_<metric>)."""
+    out: Dict[str, float] = {}
+    per: Dict[str, list[float]] = {k: [] for k in MEAN_OVER_CATEGORIES}
+    for name in sorted(set(categories)):
+        rows = torch.tensor([c == name for c in categories])
+        labels = test.labels[rows]
+        if labels.min() == labels.max():  # a category with only normal (or only anomalous) test images has no AUROC
+            continue
+        maps = test.maps[rows] if test.maps is not None else None
+        one = ranking_metrics(test.scores[rows], labels, maps, None if masks is None else masks[rows], region)
+        for k, v in one.items():
+            short = k[len("test/"):]
+            out[f"test/category/{name}/{short}"] = v
+            per[short].append(v)
+    result: Dict[str, float] = {}
+    for short, values in per.items():
+        if values:
+            result[f"test/{short}"] = sum(values) / len(values)
+    return {**out, **result, "test/categories": float(len({c for c in categories}))}
+
+
 def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) -> tuple[Dict[str, float], Dict[str, Scored]]:
     """Val (when the run has a validation split: a one-pass model fitted on every normal training
     image has none) picks the threshold; the test is reported. Pixel metrics cover the region the
@@ -99,16 +145,13 @@ def evaluate(module: ReconstructionModule, data: OneClassData, batch_size: int) 
         m.update({"val/auroc": roc_auc(val.scores, val.labels), "val/ap": average_precision(val.scores, val.labels),
                   "val/f1": val_f1, "val/threshold": threshold, "val/throughput": len(val.scores) / max(val.seconds, 1e-9)})
         m.update({f"test/{k}": v for k, v in binary_metrics(test.scores, test.labels, threshold).items()})
-    m["test/f1_best"] = best_f1_threshold(test.scores, test.labels)[1]  # oracle threshold (anomalib's F1-max)
-    if test.maps is not None and has_both_pixel_classes(data.test.masks):  # undefined without defect pixels
-        maps, masks = test.maps, data.test.masks.cpu()
-        model = getattr(module, "model", None)
-        region = model.evaluated_region(masks.shape[-2:]) if hasattr(model, "evaluated_region") else None
-        if region is not None:
-            top, left, h, w = region
-            maps, masks = maps[..., top : top + h, left : left + w], masks[..., top : top + h, left : left + w]
-        if has_both_pixel_classes(masks):
-            m["test/pixel_auroc"] = roc_auc(maps.flatten(), masks.flatten())
-            m["test/pro"] = pro_auc(maps, masks, max_fpr=PRO_MAX_FPR)
+    model = getattr(module, "model", None)
+    region = model.evaluated_region(data.test.images.shape[-2:]) if hasattr(model, "evaluated_region") else None
+    masks = data.test.masks.cpu() if test.maps is not None and data.test.masks is not None else None
+    m.update(ranking_metrics(test.scores, test.labels, test.maps, masks, region, with_ranking=False))
+    categories = data.info.get("test_categories")
+    if categories is not None and len(set(categories)) > 1:
+        m.update({f"test/pooled_{k}": m[f"test/{k}"] for k in MEAN_OVER_CATEGORIES if f"test/{k}" in m})
+        m.update(category_metrics(test, masks, region, list(categories)))
     m["sys/peak_memory_mb"] = peak_memory_mb(module.device)
     return m, ({"val": val, "test": test} if validated else {"test": test})

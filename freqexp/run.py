@@ -78,7 +78,7 @@ def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = Non
     from freqexp.training import EpochLines
 
     t = cfg.trainer
-    if t.early_stopping.enabled:
+    if t.early_stopping.enabled and plan.validated:
         callbacks.append(EarlyStopping(monitor="val/auroc", mode="max", patience=t.early_stopping.patience, min_delta=t.early_stopping.min_delta))
     terminal = sys.stderr.isatty()  # a bar redraws with \r: only on a terminal
     # a gradient-free fit is one pass that the module reports itself (freqexp.progress)
@@ -124,8 +124,12 @@ NAME_SKIPS = ("model", "loss", "filter", "dataset", "seed", "hydra")
 
 
 def dataset_label(cfg) -> str:
-    """fashion_mnist[0], mvtec[bottle], tiff_domains[domain_A], synthetic: the data and its normal part."""
+    """fashion_mnist[0], mvtec[bottle], tiff_domains[domain_A], synthetic: the data and its normal
+    part; a zero-shot run adds where it was trained: visa[all]<-mvtec."""
     d = cfg.dataset
+    if d.get("train_from"):
+        category = d.get("category") if "category" in d and not OmegaConf.is_missing(d, "category") else "all"
+        return f"{d.name}[{category or 'all'}]<-{d.train_from}"
     for key in ("normal_class", "category", "domain"):
         value = d.get(key) if key in d else None
         if value is not None and not OmegaConf.is_missing(d, key):
@@ -208,27 +212,28 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
     import torch
 
     from freqexp.data import IndexBatches, build_dataset
-    from freqexp.data.base import validation_protocol, with_all_normals
+    from freqexp.data.base import ZERO_SHOT, validation_protocol, with_all_normals
     from freqexp.data.pseudo import pseudo_generator_for, trains_on_augment, with_expanded_train, with_pseudo_val
     from freqexp.tracking import flatten
 
     quiet_lightning()
     with phase("data"):
         data = build_dataset(cfg.dataset)  # 2. data (DataError before any run is opened)
-        data = with_expanded_train(data, plan.augment)
-        if plan.fit_all:  # a one-pass model: the held-out normals join its fit, nothing is validated
-            data = with_all_normals(data, cfg.dataset.get("limit_train"))
-        elif cfg.dataset.get("val_anomalies") == "pseudo":
-            generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
-            data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
+        if not plan.zero_shot:  # zero-shot: trained on another dataset's labelled images, no validation (fixed epochs)
+            data = with_expanded_train(data, plan.augment)
+            if plan.fit_all:  # a one-pass model: the held-out normals join its fit, nothing is validated
+                data = with_all_normals(data, cfg.dataset.get("limit_train"))
+            elif cfg.dataset.get("val_anomalies") == "pseudo":
+                generator = pseudo_generator_for(cfg.dataset, plan.augment, trains_on_augment(plan.model, plan.augment))
+                data = with_pseudo_val(data, plan.augment, cfg.dataset.split_seed, generator=generator)
     if len(data.train) == 0:
         raise FreqexpError("dataset: the training split is empty")
     plan.model.check_fit(len(data.train), plan.hardware.device)
-    if not plan.fit_all and data.val.n_anomalous in (0, len(data.val)):
+    if plan.validated and data.val.n_anomalous in (0, len(data.val)):
         raise FreqexpError(f"dataset.val_fraction: the validation split has {len(data.val) - data.val.n_anomalous} normal and "
                            f"{data.val.n_anomalous} anomalous images; it needs both (raise dataset.val_fraction or dataset.val_anomaly_ratio)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    protocol = validation_protocol(cfg.dataset.get("val_anomalies"), not plan.fit_all)
+    protocol = ZERO_SHOT if plan.zero_shot else validation_protocol(cfg.dataset.get("val_anomalies"), plan.validated)
     run_tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "python -m freqexp", "git_commit": git_commit(),
                 "config_hash": chash, "model": cfg.model.name, "loss": cfg.loss.spec, "filter": cfg.filter.name,
                 "dataset": cfg.dataset.name, "output_dir": str(output_dir.resolve()),
@@ -264,14 +269,17 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
             timer = TrainTimer()
             callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
             # a gradient-free fit is one pass: there is no earlier epoch to go back to
-            best = BestWeights() if cfg.trainer.restore_best and not plan.model.gradient_free else None
+            best = BestWeights() if cfg.trainer.restore_best and plan.validated and not plan.model.gradient_free else None
             if best:
                 callbacks.append(best)
             trial = pruning.current()
             if trial is not None and pruning.reports_every_epoch(cfg):  # an Optuna trial: report each epoch, stop if pruned
                 callbacks += [pruning.objective_so_far(objectives(cfg)[0], best), pruning.callback(trial)]
             trainer = build_trainer(cfg, plan, callbacks, max_epochs=module.max_epochs)
-            train_batches = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
+            # a model trained on labelled images (the zero-shot protocol) gets their labels and masks with each batch
+            supervised = plan.zero_shot and not plan.model.gradient_free
+            train_tensors = (data.train.images, data.train.labels, data.train.masks) if supervised else (data.train.images,)
+            train_batches = IndexBatches(*train_tensors, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
             val_batches = (IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
                            if len(data.val) else None)
             from freqexp.evaluate import reset_peak_memory
@@ -340,6 +348,14 @@ def protocol_params(cfg, plan, data, protocol: str) -> Dict[str, str]:
     from freqexp.data.base import UNSUPERVISED
 
     val_anomalies = cfg.dataset.get("val_anomalies")
+    if plan.zero_shot:
+        d, info = cfg.dataset, data.info
+        target = f"{len(info.get('categories') or [])} categories of {d.name} ({d.root})"
+        return {"resolved.protocol": f"zero-shot: trained on {d.train_from} ({d.train_root}), tested on {target}; nothing of "
+                                     f"{d.name} is seen before testing; no validation: trainer.max_epochs epochs, the last epoch's weights",
+                "resolved.fit_on": (f"train_from: the {len(data.train)} labelled test images of {d.train_from} "
+                                    f"({data.train.n_anomalous} anomalous, with masks), every category" if not plan.model.gradient_free
+                                    else "nothing: training-free")}
     if plan.fit_all:
         why = "no validation: the model was fitted on every normal training image"
     elif protocol == UNSUPERVISED:
@@ -396,9 +412,16 @@ def summary(cfg, result: RunResult) -> str:
         lines += [f"  val   AUROC {m['val/auroc']:.4f}   AP {m['val/ap']:.4f}   (the sweep objective is val/auroc)",
                   f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1 {m['test/f1']:.4f}   ACC {m['test/acc']:.4f}"
                   f"   balanced ACC {m['test/balanced_acc']:.4f}   (threshold chosen on val)"]
-    else:  # a one-pass model fitted on every normal training image (trainer.fit_on): no validation, no threshold
-        lines += ["  val   none: fitted on every normal training image (trainer.fit_on=train keeps a validation split)",
-                  f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1-max {m['test/f1_best']:.4f}   "
+    else:  # a one-pass model fitted on every normal training image (trainer.fit_on), or zero-shot: no validation, no threshold
+        if cfg.dataset.get("train_from"):
+            lines.append(f"  val   none: zero-shot, trained on {cfg.dataset.train_from} for a fixed number of epochs; "
+                         f"{cfg.dataset.name} is seen only at test time")
+        else:
+            lines.append("  val   none: fitted on every normal training image (trainer.fit_on=train keeps a validation split)")
+        if "test/categories" in m:
+            lines.append(f"  test  mean over {int(m['test/categories'])} categories (per category: test/category/<name>/*; "
+                         f"pooled over images: AUROC {m['test/pooled_auroc']:.4f})")
+        lines += [f"  test  AUROC {m['test/auroc']:.4f}   AP {m['test/ap']:.4f}   F1-max {m['test/f1_best']:.4f}   "
                   "(F1 at the best threshold on the test, as anomalib's F1-max)"]
     if "test/pixel_auroc" in m:
         pro = f"   PRO (FPR <= 0.3) {m['test/pro']:.4f}" if "test/pro" in m else ""

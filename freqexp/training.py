@@ -341,7 +341,7 @@ class GradientFreeModule(ReconstructionModule):
 
 
 def make_optimizer(o: Dict[str, Any], params):
-    """optim.* -> a torch optimizer over params: fused when every parameter is a float tensor on a
+    """optim.* -> a torch optimizer over params (tensors, or param groups: dicts with their own lr): fused when every parameter is a float tensor on a
     device torch's fused kernels cover (CUDA, CPU), else torch's default implementation."""
     params = list(params)
     betas = tuple(o.get("betas", (0.9, 0.999)))
@@ -351,7 +351,8 @@ def make_optimizer(o: Dict[str, Any], params):
         cls, kwargs = torch.optim.Adam, dict(lr=o["lr"], betas=betas, weight_decay=o["weight_decay"])
     else:
         cls, kwargs = torch.optim.SGD, dict(lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
-    if params and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params):
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]  # parameters or param groups
+    if tensors and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in tensors):
         try:
             return cls(params, fused=True, **kwargs)
         except (RuntimeError, TypeError, ValueError):  # no fused kernel for this torch, device or dtype

@@ -42,6 +42,12 @@ class Plan:
     placement: str
     hardware: Hardware
     fit_all: bool = False  # a one-pass model fitted on every normal training image (trainer.fit_on); no validation
+    zero_shot: bool = False  # dataset.train_from: trained on another dataset's labelled images; no validation
+
+    @property
+    def validated(self) -> bool:
+        """Whether the run has a validation split (epoch selection, threshold, sweep objective)."""
+        return not (self.fit_all or self.zero_shot)
 
 
 def resolve_hardware(hw) -> Hardware:
@@ -134,18 +140,20 @@ def make_plan(cfg) -> Plan:
     loss = build_loss(cfg.loss, image_size=shape[1:])
     model = build_model(cfg.model, shape)
     check_loss_for_model(cfg, model)
-    fit_all = check_fit_on(cfg, model)
+    zero_shot = check_zero_shot(cfg, model)
+    fit_all = not zero_shot and check_fit_on(cfg, model)
     augment = build_augment(cfg.augment)
-    if model.needs_pseudo_anomalies and not hasattr(augment, "synthesize"):
+    if model.needs_pseudo_anomalies and not zero_shot and not hasattr(augment, "synthesize"):
         from freqexp.augment import AUGMENTS
 
         makers = [n for n in AUGMENTS.names() if hasattr(AUGMENTS.get(n), "synthesize")]
         raise ConfigError("augment", f"model={cfg.model.name} learns from pseudo-anomalies with masks; use augment={' | '.join(makers)} (got {cfg.augment.name})")
     from freqexp.data.pseudo import check_mask_generator, check_pseudo_validation, trains_on_augment
 
-    if model.needs_pseudo_anomalies:  # a segmentation target must cover what the paste changed
+    if model.needs_pseudo_anomalies and not zero_shot:  # a segmentation target must cover what the paste changed
         check_mask_generator(augment, use=f"model={cfg.model.name}'s segmentation target")
-    check_pseudo_validation(cfg.dataset, cfg.augment, trains_on_augment(model, augment))
+    if not zero_shot:  # zero-shot runs have no validation split
+        check_pseudo_validation(cfg.dataset, cfg.augment, trains_on_augment(model, augment))
     filter_module, placement = build_filter(cfg.filter)
     if placement == "both" and not model.filtered_target:
         raise ConfigError("filter.apply_to", f"model={cfg.model.name} cannot train towards a filtered target (its objective uses the "
@@ -153,7 +161,22 @@ def make_plan(cfg) -> Plan:
     if placement == "score" and not model.residual_score:
         raise ConfigError("filter.apply_to", f"model={cfg.model.name} does not score by a reconstruction residual, so a filter at "
                           "apply_to=score would have no effect; use input or both")
-    return Plan(shape, model, loss, augment, filter_module, placement, hardware, fit_all)
+    return Plan(shape, model, loss, augment, filter_module, placement, hardware, fit_all, zero_shot)
+
+
+def check_zero_shot(cfg, model: ReconstructionModel) -> bool:
+    """dataset.train_from (the zero-shot protocol) is for models that learn from another dataset's
+    labelled anomalies or need no training; a model of the target's normal images cannot run it.
+    Returns whether the run is zero-shot."""
+    if not cfg.dataset.get("train_from"):
+        return False
+    if model.zero_shot is None:
+        from freqexp.models import MODELS, model_class
+
+        able = [n for n in MODELS.names() if getattr(model_class(n), "zero_shot", None)]
+        raise ConfigError("dataset.train_from", f"the zero-shot protocol trains on another dataset's labelled images; "
+                                                f"model={cfg.model.name} learns the target's normal images. Zero-shot models: {', '.join(able)}")
+    return True
 
 
 def check_fit_on(cfg, model: ReconstructionModel) -> bool:
@@ -179,6 +202,10 @@ def check_searchable(cfg) -> None:
     from freqexp.models import model_class
 
     keys = [k for k in objectives(cfg) if k.startswith("val/")]
+    if keys and cfg.dataset.get("train_from"):
+        raise ConfigError("dataset.train_from", f"a zero-shot run has no validation split (it trains a fixed number of epochs "
+                                                f"and never sees the target before testing), so no run logs {keys[0]} to search on; "
+                                                "use a grid (--multirun) and compare on the test")
     try:
         gradient_free = bool(getattr(model_class(cfg.model.name), "gradient_free", False))
     except ConfigError:

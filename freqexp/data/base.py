@@ -158,6 +158,7 @@ FIT_ON = ("auto", "train", "all")
 VAL_FROM_TEST = ("test", "abnormal", "faults")
 UNSUPERVISED = "unsupervised"
 SEMI_SUPERVISED = "semi-supervised"
+ZERO_SHOT = "zero-shot"  # trained on another dataset (dataset.train_from), tested on every category of the target
 
 
 def fits_all_normals(fit_on: str, gradient_free: bool, val_anomalies: Optional[str]) -> bool:

@@ -7,7 +7,7 @@ import importlib
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, ReconstructionModel
 # registration: one module per family
-from freqexp.models import autoencoders, variants, ganomaly, draem, diffusion, vit, memae, memory_bank, wedge, baselines  # noqa: F401,E401
+from freqexp.models import autoencoders, variants, ganomaly, draem, diffusion, vit, memae, memory_bank, wedge, baselines, fe_clip, winclip  # noqa: F401,E401
 
 __all__ = ["MODELS", "ReconstructionModel", "build_model", "model_class"]
 

@@ -34,6 +34,10 @@ class ReconstructionModel(nn.Module):
                          after filtering its own output (the training loss and residual map
                          use filter(output) vs filter(image)); False where its objective uses
                          the target otherwise (noise prediction, discriminators, masked patches).
+      zero_shot          None, or how the model runs the zero-shot protocol (dataset.train_from):
+                         "trained" (on the auxiliary dataset's labelled images and masks, each
+                         training batch a tuple (images, labels, masks): FE-CLIP) or
+                         "training-free" (WinCLIP).
       published_score    how the method's paper turns the map into an image score: a reduction
                          of the map (mean | max | topk); `score.reduction: auto` (the default)
                          uses it, or the model's own `image_scores` where the paper's score is
@@ -48,6 +52,7 @@ class ReconstructionModel(nn.Module):
     residual_score: bool = True
     filtered_target: bool = True
     published_score: str = "mean"
+    zero_shot: Optional[str] = None
 
     @classmethod
     def from_config(cls, in_shape: tuple[int, int, int], kwargs: Dict[str, Any]) -> "ReconstructionModel":
