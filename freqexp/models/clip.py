@@ -104,8 +104,10 @@ def load_clip(name: str, key: str = "model.clip.name"):
         log.info("downloading %s into the Hugging Face hub cache (once)", name)
         return _frozen(CLIPModel.from_pretrained(name)), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ConfigError(key, f"{name!r} is not in the Hugging Face cache and could not be downloaded ({one_line(e)[:160]}); "
-                               f"on an offline machine copy a folder saved with save_pretrained and give its path") from None
+        offline = "offline mode (HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") else type(e).__name__
+        raise ConfigError(key, f"{name!r} is not in the Hugging Face cache and could not be downloaded ({offline}); on a machine "
+                               f"with internet save it once (CLIPModel.from_pretrained({name!r}).save_pretrained(DIR), and the same "
+                               f"for AutoTokenizer) and give that local folder: model.clip.name=DIR") from None
 
 
 def one_line(e: BaseException) -> str:
