@@ -1,6 +1,7 @@
 """Shared fixtures: composing the packaged config the way the CLI does, and reading MLflow."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,6 +21,20 @@ needs_fmnist = pytest.mark.skipif(
 )
 # Quick settings for runs inside tests.
 FAST = ["trainer.max_epochs=1", "trainer.progress_bar=false", "tracking.figures=all"]
+
+
+# Models on a frozen CLIP: their weights are not downloaded in tests; a tiny random CLIP saved
+# once per session (tests/tiny_clip.py) stands in for them.
+CLIP_MODELS = ("fe_clip", "winclip")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_clip_folder() -> str:
+    import tempfile
+
+    from tests.tiny_clip import save_tiny_clip
+
+    return str(save_tiny_clip(Path(tempfile.mkdtemp(prefix="freqexp-tiny-clip-")) / "clip"))
 
 
 def compose_cfg(overrides=()):

@@ -1,5 +1,6 @@
 """score.reduction=auto: every model outside the memory banks (whose re-weighted and smoothed
-scores are checked in test_fidelity.py) turns its anomaly maps into the image score its method
+scores are checked in test_fidelity.py) and the CLIP models (whose image score is the class
+token's, not a reduction of the map: test_fe_clip_fidelity.py) turns its anomaly maps into the image score its method
 publishes. The expected score is computed here with numpy from the maps the model returns, by
 the rule written in this file, never by calling the model's reduction."""
 from __future__ import annotations
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import CLIP_MODELS, REPO, compose_cfg
 
 MEMORY_BANKS = {"patchcore", "wedge", "patchcore_dwt"}
-MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem not in MEMORY_BANKS)
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem not in MEMORY_BANKS | set(CLIP_MODELS))
 SIZE = 32
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import CLIP_MODELS, REPO, compose_cfg, tiny_clip_folder
 
 MODEL_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 SMALL = ["dataset=synthetic", "dataset.n_train=48", "dataset.n_val=16", "dataset.n_test=16", "trainer.max_epochs=1",
@@ -25,6 +25,8 @@ def overrides_for(name: str, tmp_path: Path, seed: int = 0, hardware: str = "cpu
         extra.append("augment=cutpaste")
     if cls.loss_terms is not None:
         extra.append(f"loss={cls.loss_terms[0]}")
+    if name in CLIP_MODELS:  # a tiny random CLIP instead of the published weights (no download in tests)
+        extra.append(f"model.clip.name={tiny_clip_folder()}")
     if hasattr(cls, "patch_features"):  # memory banks: a ResNet-18 at 64 px keeps the smoke test short on a CPU
         extra += ["model.backbone.arch=resnet18", "model.input_size=64"]
     return [f"model={name}", *SMALL, *extra, f"seed={seed}", f"hardware={hardware}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -69,7 +71,7 @@ def test_model_trains_scores_and_repeats(name, tmp_path):
 
 # one model per training procedure (LightningModule or training objective); every other option runs
 # end to end into MLflow in tests/test_zoo.py (`make zoo` on real Fashion-MNIST)
-END_TO_END = ["cae", "vae", "ganomaly", "draem", "ddpm", "vit_ad", "memae", "patchcore", "wedge", "knn"]
+END_TO_END = ["cae", "vae", "ganomaly", "draem", "ddpm", "vit_ad", "memae", "patchcore", "wedge", "knn", "fe_clip"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
