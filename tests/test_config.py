@@ -30,6 +30,10 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         from tests.test_image_datasets import make_mvtec
 
         overrides += [f"dataset.root={make_mvtec(tmp_path)}", "dataset.category=widget", "dataset.image_size=32"]
+    if option in ("visa", "btad", "mpdd"):  # need a folder in their layouts
+        from tests.test_zero_shot_data import config_overrides
+
+        overrides = config_overrides(option, tmp_path)
     if option == "folder":  # needs folders of normal and anomalous images
         from tests.test_image_datasets import make_folders
 

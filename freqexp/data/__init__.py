@@ -1,6 +1,6 @@
 """Datasets under the one-class protocol. Importing this package registers every dataset."""
 from freqexp.data.base import DATASETS, IndexBatches, OneClassData, Split
-from freqexp.data import fashion_mnist, folder, mnist_idx, mvtec, synthetic, tiff_domains  # noqa: F401  (registration)
+from freqexp.data import categories, fashion_mnist, folder, mnist_idx, synthetic, tiff_domains  # noqa: F401  (registration)
 
 __all__ = ["DATASETS", "IndexBatches", "OneClassData", "Split", "build_dataset", "dataset_shape"]
 

@@ -276,20 +276,43 @@ def read_image(path: Path, channels: int):
         return image if image.mode == mode else image.convert(mode)
 
 
-def read_mask(path: Path):
-    """The mask as a PIL image in mode L with values 0 or 255."""
-    image = read_image(path, 1)
-    return image.point(lambda v: 255 if v > MASK_THRESHOLD else 0)
+def read_mask(path: Path, threshold: int = MASK_THRESHOLD):
+    """The mask as a PIL image in mode L with values 0 or 255 (255: defect).
+
+    threshold > 0 (MVTec AD, MPDD, BTAD: 0/255 masks): the mask is read like a gray image (8 bit)
+    and a pixel above `threshold` is defect, so anti-aliased or JPEG edges split at mid-gray.
+    threshold 0 (VisA: masks of small class ids 1, 2, ... on 0): any nonzero value is defect,
+    read from the stored samples themselves: 16-bit ids are not scaled to 8 bit (id 1 would
+    round to 0), a palette image counts by its colours, an alpha channel is left out."""
+    if threshold > 0:
+        image = read_image(path, 1)
+        return image.point(lambda v: 255 if v > threshold else 0)
+    from PIL import Image
+
+    with open_image(path) as im:
+        try:
+            im.load()
+        except Exception as e:
+            raise DataError(f"{path}: cannot be decoded, the file is truncated or corrupt ({one_line(e)})") from None
+        if im.mode in ("P", "PA", "RGBA", "RGBa"):
+            im = im.convert("RGB")
+        elif im.mode in ("LA", "La", "1"):
+            im = im.convert("L")
+        x = np.asarray(im)
+    defect = (x != 0).any(axis=-1) if x.ndim == 3 else x != 0
+    return Image.fromarray(defect.astype(np.uint8) * 255, mode="L")
 
 
 # -- decoding many files ----------------------------------------------------------------------
 
 def decode(paths: Sequence[Path], channels: int, geometry: Geometry,
            masks: Optional[Sequence[Optional[Path]]] = None,
-           reference: Optional[Path] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           reference: Optional[Path] = None,
+           mask_threshold: int = MASK_THRESHOLD) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """uint8 images [N, C, H, W] and, when `masks` is given (one entry per image, None for an
     all-zero mask), bool masks [N, 1, H, W]. `reference` is the file whose native size every
-    image must share when image_size is null (default: the first of `paths`)."""
+    image must share when image_size is null (default: the first of `paths`). `mask_threshold`:
+    how mask files are read (read_mask: above it is defect; 0: any nonzero value)."""
     from PIL import Image
 
     reference = reference or (paths[0] if paths else None)
@@ -308,7 +331,7 @@ def decode(paths: Sequence[Path], channels: int, geometry: Geometry,
         pixels = np.asarray(geometry.apply(image, Image.Resampling.BILINEAR))
         images[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
         if mask_array is not None and masks[i] is not None:
-            mask = read_mask(masks[i])
+            mask = read_mask(masks[i], mask_threshold)
             if (mask.height, mask.width) != size:
                 raise DataError(f"{masks[i]}: the mask is {mask.height}x{mask.width} but its image {path} is {size[0]}x{size[1]}")
             mask_array[i, 0] = np.asarray(geometry.apply(mask, Image.Resampling.NEAREST)) > MASK_THRESHOLD
