@@ -44,3 +44,72 @@ def test_pixel_metrics_per_category_are_averaged_too():
     assert m["test/category/x/pixel_auroc"] == pytest.approx(per[0])
     assert m["test/pixel_auroc"] == pytest.approx(np.mean(per))
     assert 0 <= m["test/pro"] <= 1
+
+
+# -- the run path over two fixture datasets -----------------------------------------------------
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from freqexp.run import execute  # noqa: E402
+from tests.conftest import FAST, compose_cfg, tiny_clip_folder  # noqa: E402
+from tests.test_zero_shot_data import make_mpdd, make_visa  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    return make_visa(root / "visa", size=(32, 32)), make_mpdd(root / "mpdd", size=(32, 32))
+
+
+def zero_shot(model, sets, store, *extra):
+    visa, mpdd = sets
+    clip = [f"model.clip.name={tiny_clip_folder()}"] if model in ("fe_clip", "winclip") else []
+    return compose_cfg([f"model={model}", *clip, "dataset=mpdd", f"dataset.root={mpdd}",
+                        "dataset.train_from=visa", f"dataset.train_root={visa}", "dataset.image_size=32",
+                        "trainer.batch_size=8", "trainer.eval_batch_size=8", *FAST, "trainer.max_epochs=2",
+                        f"tracking.uri={store}", *extra])
+
+
+def test_fe_clip_zero_shot_trains_on_the_auxiliary_set_and_reports_every_target_category(two_sets, tmp_path, store):
+    visa, mpdd = two_sets
+    result = execute(zero_shot("fe_clip", two_sets, store), tmp_path / "run")
+    run = MlflowClient(store).get_run(result.run_id)
+    data, metrics = run.data, run.data.metrics
+    assert run.info.status == "FINISHED" and data.tags["protocol"] == "zero-shot"
+    # trained on every VisA test image (normals and anomalies, with masks), none of MPDD's
+    n_visa_test = sum(1 for line in (visa / "split_csv" / "1cls.csv").read_text().splitlines()[1:] if ",test," in line)
+    assert int(data.params["data.train_normal"]) + int(data.params["data.train_anomalous"]) == n_visa_test
+    assert int(data.params["data.train_anomalous"]) > 0 and int(data.params["data.val_normal"]) == 0
+    assert data.params["resolved.fit_on"].startswith("train_from") and "visa" in data.params["resolved.protocol"]
+    # no validation, a fixed number of epochs: no val metrics, no threshold
+    assert not any(k.startswith("val/") for k in metrics) and metrics["train/epochs"] == 2
+    # every MPDD category, and test/* their mean
+    categories = sorted(d.name for d in mpdd.iterdir() if d.is_dir())
+    per = [metrics[f"test/category/{c}/auroc"] for c in categories]
+    assert metrics["test/auroc"] == pytest.approx(np.mean(per)) and metrics["test/categories"] == len(categories)
+    assert "test/pooled_auroc" in metrics and "test/pixel_auroc" in metrics
+    assert "train/loss_focal" in metrics and "train/loss_dice" in metrics
+    assert "<-visa" in run.info.run_name
+
+
+def test_winclip_runs_the_same_protocol_without_training(two_sets, tmp_path, store):
+    result = execute(zero_shot("winclip", two_sets, store), tmp_path / "run")
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["protocol"] == "zero-shot"
+    assert run.data.params["resolved.fit_on"].startswith("nothing")
+    assert "test/category/connector/auroc" in run.data.metrics
+
+
+def test_a_model_of_the_targets_normals_cannot_run_zero_shot(two_sets, store):
+    from freqexp.validate import make_plan
+
+    with pytest.raises(ConfigError) as e:
+        make_plan(zero_shot("cae", two_sets, store))
+    assert e.value.key == "dataset.train_from" and "fe_clip" in str(e.value) and "winclip" in str(e.value)
+
+
+def test_a_search_on_a_zero_shot_run_is_refused(two_sets, store):
+    from freqexp.validate import check_searchable
+
+    with pytest.raises(ConfigError, match="no validation split"):
+        check_searchable(zero_shot("fe_clip", two_sets, store))
