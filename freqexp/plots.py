@@ -108,6 +108,25 @@ def roc_plot(scores, labels, auroc: float, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def category_bars(names: list, auroc, pixel_auroc, path: Path) -> Path:
+    """Image (and pixel) AUROC of each test category, with their means as dashed lines: a test of
+    several categories reports the mean (the zero-shot protocol)."""
+    auroc, pixel_auroc = np.asarray(auroc, float), np.asarray(pixel_auroc, float)
+    pixel = np.isfinite(pixel_auroc).any()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.4))
+    x = np.arange(len(names))
+    width = 0.4 if pixel else 0.7
+    ax.bar(x - (width / 2 if pixel else 0), auroc, width, label=f"image AUROC (mean {np.nanmean(auroc):.3f})")
+    ax.axhline(np.nanmean(auroc), color="C0", ls="--", lw=0.8)
+    if pixel:
+        ax.bar(x + width / 2, pixel_auroc, width, label=f"pixel AUROC (mean {np.nanmean(pixel_auroc):.3f})")
+        ax.axhline(np.nanmean(pixel_auroc), color="C1", ls="--", lw=0.8)
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set(ylim=(0, 1.05), ylabel="AUROC", title="Test, per category")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
 def pr_plot(scores, labels, ap: float, path: Path) -> Path:
     precision, recall, _ = precision_recall_curve(scores, labels)
     fig, ax = plt.subplots(figsize=(4, 4))

@@ -90,6 +90,8 @@ def test_fe_clip_zero_shot_trains_on_the_auxiliary_set_and_reports_every_target_
     assert "test/pooled_auroc" in metrics and "test/pixel_auroc" in metrics
     assert "train/loss_focal" in metrics and "train/loss_dice" in metrics
     assert "<-visa" in run.info.run_name
+    # the per-category figure in the run's artifacts
+    assert "categories.png" in {a.path for a in MlflowClient(store).list_artifacts(result.run_id)}
 
 
 def test_winclip_runs_the_same_protocol_without_training(two_sets, tmp_path, store):

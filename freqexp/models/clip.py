@@ -175,14 +175,16 @@ class FrozenCLIP(nn.Module):
         prompts' raw embeddings (as anomalib's WinCLIP; the cosine normalises afterwards)."""
         return torch.stack([self.text_embeddings(texts).mean(0) for texts in prompt_texts(object_word)])
 
-    def encode(self, pixels: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+               last: Optional[int] = None) -> torch.Tensor:
         """The visual encoder block by block on CLIP-ready pixels; `after_block(i, tokens)` may
-        replace the tokens [B, 1 + grid^2, width] after block i (0-based). Returns the final tokens
-        (before post_layernorm)."""
+        replace the tokens [B, 1 + grid^2, width] after block i (0-based). Returns the tokens after
+        block `last` (default: the final block), before post_layernorm; later blocks are not run."""
         v = self.vision
         interpolate = self.image_size != self.native_size
         hidden = v.pre_layrnorm(v.embeddings(pixels, interpolate_pos_encoding=interpolate))
-        for i, layer in enumerate(v.encoder.layers):
+        layers = v.encoder.layers if last is None else v.encoder.layers[: last + 1]
+        for i, layer in enumerate(layers):
             out = layer(hidden, None)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             if after_block is not None:

@@ -224,7 +224,7 @@ class FeClip(ClipDetector, ReconstructionModel):
             patches.append(adapted)
             return torch.cat([hidden[:, :1], adapted], dim=1)
 
-        self.clip.encode(pixels, after_block if self.taps[-1] < self.clip.n_layers else None)
+        self.clip.encode(pixels, after_block, last=self.taps[-1])  # blocks after the last tap are not needed
         return classes, patches
 
     def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:

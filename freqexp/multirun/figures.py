@@ -75,9 +75,16 @@ def figure_data(module, data, scored, metrics) -> Dict[str, np.ndarray]:
         recon = module.model.reconstruct(x_in)
         maps = module.anomaly_map(x)
     out = {"scores": test.scores.detach().float().cpu().numpy(), "labels": test.labels.detach().cpu().numpy().astype(np.int8),
-           "metrics": np.array([metrics["test/auroc"], metrics["test/ap"], metrics.get("val/threshold", float("nan"))], dtype=np.float64),
+           # the curves are pooled over every test image: a multi-category test's test/auroc is the categories' mean
+           "metrics": np.array([metrics.get("test/pooled_auroc", metrics["test/auroc"]), metrics.get("test/pooled_ap", metrics["test/ap"]),
+                                metrics.get("val/threshold", float("nan"))], dtype=np.float64),
            "grid_inputs": _unit_uint8(x), "grid_recons": _unit_uint8(recon), "grid_maps": _maps(maps),
            "grid_labels": labels[pick].numpy().astype(np.int8), "grid_scores": test.scores[pick].detach().float().cpu().numpy()}
+    names = sorted({k.split("/")[2] for k in metrics if k.startswith("test/category/")})
+    if names:  # a test of several categories (the zero-shot protocol): each one's AUROCs
+        out["category_names"] = np.array(names)
+        for key in ("auroc", "pixel_auroc"):
+            out[f"category_{key}"] = np.array([metrics.get(f"test/category/{n}/{key}", np.nan) for n in names], dtype=np.float64)
     if data.test.masks is not None and test.maps is not None:  # evaluate keeps the test maps where masks exist
         idx = plots.overlay_indices(labels)
         vmin, vmax = plots.map_colour_range(test.maps)
@@ -102,7 +109,8 @@ def load(path: Path) -> Dict[str, np.ndarray]:
 
 def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
     """The figures of one run from its figure data, written into output_dir: reconstructions.png,
-    roc.png, pr.png, score_hist.png and (with masks) anomaly_overlays.png."""
+    roc.png, pr.png, score_hist.png, (with masks) anomaly_overlays.png and (a test of several
+    categories) categories.png."""
     import torch
 
     from freqexp import plots
@@ -124,6 +132,9 @@ def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
                                    t["overlay_scores"], torch.arange(n), vmin, vmax, numbers=fd["overlay_indices"].tolist(),
                                    range_note=plots.RANGE_NOTE)
         paths.append(plots.save_figure(fig, output_dir / "anomaly_overlays.png"))
+    if "category_names" in fd:
+        paths.append(plots.category_bars([str(n) for n in fd["category_names"]], fd["category_auroc"], fd["category_pixel_auroc"],
+                                         output_dir / "categories.png"))
     return paths
 
 
