@@ -123,7 +123,7 @@ def category_bars(names: list, auroc, pixel_auroc, path: Path) -> Path:
         ax.axhline(np.nanmean(pixel_auroc), color="C1", ls="--", lw=0.8)
     ax.set_xticks(x, names, rotation=45, ha="right")
     ax.set(ylim=(0, 1.05), ylabel="AUROC", title="Test, per category")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return save_figure(fig, path)
 
 

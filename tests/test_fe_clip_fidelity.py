@@ -18,11 +18,9 @@ The choices the paper leaves open are the ones freqexp documents (orthonormal DC
 Linear over channels, replicate padding, a 3 x 3 zero-padded LFS conv, tau 0.07, post_layernorm
 before fc, fc initialised from CLIP's projection, bilinear upsampling with align_corners=False).
 
-Known disagreement, pinned by strict xfails below: FeClip.probabilities divides by the norm of the
-visual embedding only; its text embeddings (the `text` buffer) are the raw, un-normalised CLIP
-text features, so its "cosine" is |g_c| cos(g_c, f). The tests of the rest of the pipeline put
-unit-length text embeddings into that buffer first (after checking that their direction is the
-CLIP text features'), so that they test everything else against the paper."""
+Eq. 1 is a cosine: the text embeddings must have unit length (tested on their own and through the
+image probabilities); the other tests put unit-length text embeddings into the model's buffer
+(after checking that their direction is the CLIP text features'), so each tests its own step."""
 from __future__ import annotations
 
 import itertools
@@ -381,8 +379,6 @@ def test_prompt_embeddings_point_along_clip_text_features(clip_folder, reference
     np.testing.assert_allclose(unit(np_of(model.text)), want, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="eq. 1 is a cosine, but FeClip.probabilities uses the raw (un-normalised) "
-                                       "text embeddings: its logits are |g_c| cos(g_c, f) / tau")
 @pytest.mark.parametrize("prompts", ["fe_clip", "winclip"])
 def test_eq1_image_probabilities_use_cosines(clip_folder, reference, winclip_text, prompts):
     model = fe_clip(clip_folder, fusion_weight=0.0, prompts=prompts)
@@ -397,11 +393,8 @@ def test_eq1_image_probabilities_use_cosines(clip_folder, reference, winclip_tex
     np.testing.assert_allclose(np_of(image), want, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="the text buffer FeClip.probabilities multiplies by holds raw CLIP text "
-                                       "features (norms ~3.5 on the tiny CLIP), not unit vectors")
 @pytest.mark.parametrize("prompts", ["fe_clip", "winclip"])
 def test_eq1_text_embeddings_have_unit_length(clip_folder, prompts):
-    # the cause of the xfail above, on its own
     model = fe_clip(clip_folder, prompts=prompts)
     np.testing.assert_allclose(np_of(model.text.norm(dim=-1)), 1.0, atol=1e-5)
 

@@ -210,11 +210,14 @@ def layer_choice(value: Any, n_layers: int, key: str = "model.taps") -> list[int
             raise ConfigError(key, f"must be last4 | even | late or a list of block indices 0..{n_layers - 1}; got {value!r}")
         return sorted(set(idx))
     try:
-        idx = [int(i) for i in value]
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be last4 | even | late or a list of block indices 0..{n_layers - 1}; got {value!r}") from None
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ConfigError(key, f"must be last4 | even | late or a list of integer block indices 0..{n_layers - 1}; got {value!r}")
+    idx = items
     bad = [i for i in idx if not 0 <= i < n_layers]
-    if not idx or bad or any(isinstance(i, bool) for i in value):
+    if not idx or bad:
         raise ConfigError(key, f"block indices must lie in 0..{n_layers - 1} (the CLIP has {n_layers} blocks); got {list(value)!r}")
     return sorted(set(idx))
 

@@ -198,7 +198,7 @@ class FeClip(ClipDetector, ReconstructionModel):
             text = torch.stack([self.clip.text_embeddings([t])[0] for t in FE_CLIP_PROMPTS])
         else:
             text = self.clip.class_embeddings("object")
-        self.register_buffer("text", text, persistent=False)
+        self.register_buffer("text", F.normalize(text, dim=-1), persistent=False)  # unit g_c: eq. 1 is a cosine
 
     # -- forward
     def adapt(self, n: int, patches: torch.Tensor) -> torch.Tensor:

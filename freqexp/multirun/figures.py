@@ -115,7 +115,7 @@ def draw(fd: Dict[str, np.ndarray], output_dir: Path) -> List[Path]:
 
     from freqexp import plots
 
-    t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items()}
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in fd.items() if np.asarray(v).dtype.kind != "U"}  # names stay numpy
     scores, labels = t["scores"], t["labels"].long()
     auroc, ap, threshold = (float(v) for v in fd["metrics"])
     paths = [
