@@ -520,11 +520,12 @@ def task(cfg: DictConfig):
         log.error("job %s (%s) failed: %s (traceback in %s)", hc.job.num, overrides, message, output_dir / "error.txt")
         return None
     value = objective_value(cfg, result.metrics)
+    reported = {"test_auroc": result.metrics.get("test/auroc")}  # shown beside the objective, never optimized
     if result.skipped:
-        write_status(output_dir, status="skipped", overrides=overrides, run_id=result.run_id, objective=value)
+        write_status(output_dir, status="skipped", overrides=overrides, run_id=result.run_id, objective=value, **reported)
         log.info("job %s (%s) skipped: this config already finished as run %s (sweep.resume=false reruns it)", hc.job.num, overrides, result.run_id)
         return value
-    write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value)
+    write_status(output_dir, status="finished", overrides=overrides, run_id=result.run_id, objective=value, **reported)
     if multirun:
         log.info("job %s (%s) finished: val/auroc %.4f test/auroc %.4f", hc.job.num, overrides,
                  result.metrics.get("val/auroc", float("nan")), result.metrics["test/auroc"])

@@ -208,6 +208,9 @@ def test_multirun_isolates_a_failing_job(tmp_path):
     assert "2 finished, 1 failed" in out and "FAILED  dataset=synthetic,model.name=tests.nan_model" in out
     summary = json.loads(next(tmp_path.glob("outputs/multiruns/*/*/sweep_summary.json")).read_text())
     assert sorted(j["status"] for j in summary) == ["failed", "finished", "finished"]
+    # each finished job's test AUROC is reported beside its objective (and never ordered by)
+    assert all(0 <= j["test_auroc"] <= 1 for j in summary if j["status"] == "finished")
+    assert sum(f"test/auroc {j['test_auroc']:.4f}" in out for j in summary if j["status"] == "finished") == 2
     # figures (tracking.figures=auto is best in a sweep, figures_best=1): every finished run saved
     # figures.npz, the best by val/auroc got its figures drawn and logged, the other draws on demand
     finished = sorted((j for j in summary if j["status"] == "finished"), key=lambda j: -j["objective"])

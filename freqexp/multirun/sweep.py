@@ -39,7 +39,9 @@ def render(jobs: list[dict], sweep_dir: Path, label: str = "val/auroc") -> str:
     for j in sorted(finished + skipped, key=lambda j: -first(j)):
         tag = "ok     " if j["status"] == "finished" else "skipped"
         objective = f"{first(j):.4f}" if first(j) != float("-inf") else "   ?  "
-        lines.append(f"  {tag} {label} {objective}  {j['overrides']}")
+        test = j.get("test_auroc")  # reported beside it (a zero-shot or one-pass run has no validation objective)
+        reported = f"  test/auroc {test:.4f}" if isinstance(test, (int, float)) else ""
+        lines.append(f"  {tag} {label} {objective}{reported}  {j['overrides']}")
     for j in pruned:
         lines.append(f"  pruned  after epoch {j.get('epoch', '?')}  {j['overrides']}")
     for j in failed:
