@@ -26,3 +26,8 @@ class TrainingError(FreqexpError):
 class ReportError(ValueError):
     """Bad input for an option of a command that reads a store (report, figures, orphans); the
     message names the option."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type's name when it has none."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from freqexp.multirun import figures, pruning
+from freqexp import errors
 from freqexp.errors import FreqexpError
 from freqexp.objective import STATUS_FILE, objectives
 from freqexp.validate import Plan, make_plan
@@ -397,7 +398,8 @@ def restore_sigterm(previous) -> None:
 
 
 def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    """The error as a run reports it: a FreqexpError's own line, any other prefixed with its type."""
+    text = errors.one_line(e)
     return text if isinstance(e, FreqexpError) else f"{type(e).__name__}: {text}"
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -158,3 +160,19 @@ def test_the_ablation_sweep_lists_the_reproductions_choices():
     assert str(params["model.temperature"]).split(",") == ["0.07", "logit_scale"]
     assert params["model.fc_patch"].split(",") == ["learnt", "frozen"]
     assert json.dumps(params)  # plain values, usable on the command line
+
+
+def test_map_sigma_smooths_the_map_as_scipys_gaussian_filter(tiny_clip):
+    from omegaconf import OmegaConf
+    from scipy.ndimage import gaussian_filter
+
+    from freqexp.models import build_model
+
+    model = build_model(OmegaConf.create({"name": "fe_clip", "clip": {"name": str(tiny_clip)}, "map_sigma": 2.0}), (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    smoothed, scores = model.score(x)
+    model.map_sigma = 0.0
+    raw, raw_scores = model.score(x)
+    want = np.stack([gaussian_filter(m, 2.0, mode="reflect") for m in raw[:, 0].double().numpy()])
+    np.testing.assert_allclose(smoothed[:, 0].numpy(), want, atol=1e-5)
+    assert torch.equal(scores, raw_scores)  # the image score is the class token's, not the map's

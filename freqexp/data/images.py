@@ -44,17 +44,13 @@ import numpy as np
 import torch
 
 from freqexp.checks import is_int, is_number
-from freqexp.errors import ConfigError, DataError
+from freqexp.errors import ConfigError, DataError, one_line
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 MASK_THRESHOLD = 127  # mask pixels above it are defect: 0/255 masks, and anti-aliased or JPEG edges
 DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # -- options ----------------------------------------------------------------------------------

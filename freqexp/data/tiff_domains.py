@@ -45,7 +45,7 @@ import torch
 from freqexp.checks import choice
 from freqexp.data.base import DATASETS, OneClassData, Split
 from freqexp.data.cache import cache_dir_of, cached_array, check_cache_options, digest, resolve_mode, source_fingerprint
-from freqexp.errors import ConfigError, DataError
+from freqexp.errors import ConfigError, DataError, one_line
 
 log = logging.getLogger("freqexp")
 
@@ -58,10 +58,6 @@ CACHE_FORMAT = 1  # bump when what a cache file holds changes
 
 
 # -- reading one file -------------------------------------------------------------------------
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
 
 def inspect_tiff(path: Path) -> tuple[tuple[int, int], np.dtype]:
     """(H, W) and sample dtype of a single-page, single-channel TIFF, from its header."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freqexp.errors import ConfigError
+from freqexp.errors import ConfigError, one_line
 
 log = logging.getLogger("freqexp")
 
@@ -110,10 +110,6 @@ def load_clip(name: str, key: str = "model.clip.name"):
                                f"for AutoTokenizer) and give that local folder: model.clip.name=DIR") from None
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -175,14 +171,19 @@ class FrozenCLIP(nn.Module):
         prompts' raw embeddings (as anomalib's WinCLIP; the cosine normalises afterwards)."""
         return torch.stack([self.text_embeddings(texts).mean(0) for texts in prompt_texts(object_word)])
 
-    def encode(self, pixels: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The position-embedded tokens [B, 1 + grid^2, width] of CLIP-ready pixels (class token
+        first), before pre_layrnorm; positions interpolated when image_size is not the CLIP's own."""
+        return self.vision.embeddings(pixels, interpolate_pos_encoding=self.image_size != self.native_size)
+
+    def blocks(self, tokens: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
                last: Optional[int] = None) -> torch.Tensor:
-        """The visual encoder block by block on CLIP-ready pixels; `after_block(i, tokens)` may
-        replace the tokens [B, 1 + grid^2, width] after block i (0-based). Returns the tokens after
-        block `last` (default: the final block), before post_layernorm; later blocks are not run."""
+        """The transformer on embedded tokens (any subset of them, with the class token first):
+        pre_layrnorm, then block by block; `after_block(i, tokens)` may replace the tokens after
+        block i (0-based). Returns the tokens after block `last` (default: the final block), before
+        post_layernorm; later blocks are not run."""
         v = self.vision
-        interpolate = self.image_size != self.native_size
-        hidden = v.pre_layrnorm(v.embeddings(pixels, interpolate_pos_encoding=interpolate))
+        hidden = v.pre_layrnorm(tokens)
         layers = v.encoder.layers if last is None else v.encoder.layers[: last + 1]
         for i, layer in enumerate(layers):
             out = layer(hidden, None)
@@ -191,9 +192,21 @@ class FrozenCLIP(nn.Module):
                 hidden = after_block(i, hidden)
         return hidden
 
+    def encode(self, pixels: torch.Tensor, after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+               last: Optional[int] = None) -> torch.Tensor:
+        """The visual encoder on CLIP-ready pixels: blocks(embed(pixels), after_block, last)."""
+        return self.blocks(self.embed(pixels), after_block, last)
+
     def project_class_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's own image embedding: post_layernorm of the class token, then the frozen visual projection."""
         return self.visual_projection(self.vision.post_layernorm(tokens[:, 0]))
+
+
+def anomalous_softmax(embeddings: torch.Tensor, unit_text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over {normal, anomalous} of cos(g_c, f) / temperature (FE-CLIP's eq. 1, WinCLIP's
+    scores): embeddings [..., D], unit-length class embeddings unit_text [2, D]; returns [..., 2]."""
+    cos = F.normalize(embeddings.float(), dim=-1) @ unit_text.t()
+    return (cos / temperature).softmax(-1)
 
 
 def layer_choice(value: Any, n_layers: int, key: str = "model.taps") -> list[int]:

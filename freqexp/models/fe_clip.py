@@ -39,7 +39,7 @@ from torch import nn
 from freqexp.checks import choice, number
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, ReconstructionModel
-from freqexp.models.clip import ClipDetector, FrozenCLIP, clip_options, layer_choice, prompt_texts
+from freqexp.models.clip import ClipDetector, FrozenCLIP, anomalous_softmax, clip_options, layer_choice
 from freqexp.training import ReconstructionModule
 
 LFS_STATISTICS = ("signed", "abs", "power")
@@ -195,7 +195,7 @@ class FeClip(ClipDetector, ReconstructionModel):
             self.fc_patch.weight.copy_(self.clip.visual_projection.weight)
         self.fc_patch.requires_grad_(self.fc_patch_mode == "learnt")
         if self.prompts == "fe_clip":
-            text = torch.stack([self.clip.text_embeddings([t])[0] for t in FE_CLIP_PROMPTS])
+            text = self.clip.text_embeddings(FE_CLIP_PROMPTS)
         else:
             text = self.clip.class_embeddings("object")
         self.register_buffer("text", F.normalize(text, dim=-1), persistent=False)  # unit g_c: eq. 1 is a cosine
@@ -229,8 +229,7 @@ class FeClip(ClipDetector, ReconstructionModel):
 
     def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Eq. 1: softmax over {normal, anomalous} of cos(g_c, f) / tau; returns [..., 2]."""
-        cos = F.normalize(embeddings.float(), dim=-1) @ self.text.t()
-        return (cos / self.temperature).softmax(-1)
+        return anomalous_softmax(embeddings, self.text, self.temperature)
 
     def tap_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image probabilities [N, B] and maps [N, B, 1, H, W] of the anomalous class, one per tap)."""
@@ -265,10 +264,10 @@ class FeClip(ClipDetector, ReconstructionModel):
     def score(self, x: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
         image, maps = self.tap_outputs(x)
         m = maps.mean(0)
-        if self.map_sigma > 0:
-            from freqexp.models.memory_bank import gaussian_blur
+        if self.map_sigma > 0:  # scipy's gaussian_filter, as AnomalyCLIP smooths its maps
+            from freqexp.models.memory_bank import gaussian_filter
 
-            m = gaussian_blur(m, self.map_sigma)
+            m = gaussian_filter(m, self.map_sigma)
         return m, image.mean(0)
 
     def anomaly_map(self, x: torch.Tensor, target=None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from freqexp.checks import choice
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, GradientFreeModel
-from freqexp.models.clip import ClipDetector, FrozenCLIP, clip_options
+from freqexp.models.clip import ClipDetector, FrozenCLIP, anomalous_softmax, clip_options
 
 WINCLIP_SCORES = ("class_token", "class_token+map_max")
 TEMPERATURE = 0.07
@@ -75,7 +75,7 @@ class WinClip(ClipDetector, GradientFreeModel):
         if not isinstance(object_word, str) or not object_word.strip():
             raise ConfigError("model.object_word", f"must be a word naming the object in the prompts, e.g. object; got {object_word!r}")
         self.window_batch = int(window_batch)
-        self.register_buffer("text", self.clip.class_embeddings(object_word), persistent=False)
+        self.register_buffer("text", F.normalize(self.clip.class_embeddings(object_word), dim=-1), persistent=False)
         self.seen = 0
 
     # -- the (empty) fit
@@ -87,40 +87,32 @@ class WinClip(ClipDetector, GradientFreeModel):
 
     def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Anomalous-class probability of CLIP embeddings [..., D]: softmax(cosine / 0.07)."""
-        cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(self.text, dim=-1).t()
-        return (cos / TEMPERATURE).softmax(-1)[..., 1]
+        return anomalous_softmax(embeddings, self.text, TEMPERATURE)[..., 1]
 
     @torch.no_grad()
-    def window_scores(self, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, n_windows] anomalous probabilities of every k x k window encoded alone, its index)."""
-        v = self.clip.vision
-        tokens = v.embeddings(pixels, interpolate_pos_encoding=self.clip.image_size != self.clip.native_size)  # [B, 1+N, D]
-        index = window_index(self.clip.grid, k).to(pixels.device)
+    def window_scores(self, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, n_windows] anomalous probabilities of every k x k window encoded alone, its index),
+        from the image's embedded tokens [B, 1 + grid^2, D] (FrozenCLIP.embed)."""
+        index = window_index(self.clip.grid, k).to(tokens.device)
         b, n_win = tokens.shape[0], index.shape[0]
-        cls = tokens[:, :1]
-        patches = tokens[:, 1:]
+        cls, patches = tokens[:, :1], tokens[:, 1:]
         out = []
         per_chunk = max(1, self.window_batch // max(1, b))
         for start in range(0, n_win, per_chunk):
             idx = index[start : start + per_chunk]  # [w, k*k]
-            sel = patches[:, idx]  # [B, w, k*k, D]
-            seq = torch.cat([cls[:, None].expand(-1, idx.shape[0], -1, -1), sel], dim=2).flatten(0, 1)
-            hidden = v.pre_layrnorm(seq)
-            for layer in v.encoder.layers:
-                o = layer(hidden, None)
-                hidden = o[0] if isinstance(o, (tuple, list)) else o
-            emb = self.clip.project_class_token(hidden).view(b, idx.shape[0], -1)
+            seq = torch.cat([cls[:, None].expand(-1, idx.shape[0], -1, -1), patches[:, idx]], dim=2).flatten(0, 1)
+            emb = self.clip.project_class_token(self.clip.blocks(seq)).view(b, idx.shape[0], -1)
             out.append(self.probabilities(emb))
         return torch.cat(out, dim=1), index
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, target=None):
-        pixels = self.clip.prepare(x)
-        image = self.probabilities(self.clip.project_class_token(self.clip.encode(pixels)))
+        tokens = self.clip.embed(self.clip.prepare(x))  # embedded once: the image and every window read them
+        image = self.probabilities(self.clip.project_class_token(self.clip.blocks(tokens)))
         n = self.clip.grid ** 2
         layers = [image[:, None].expand(-1, n)]  # the image score, broadcast over the patches
         for k in self.scales:
-            scores, index = self.window_scores(pixels, k)
+            scores, index = self.window_scores(tokens, k)
             layers.append(harmonic_patch_scores(scores, index, n))
         patch = len(layers) / (1.0 / torch.stack(layers).clamp_min(1e-12)).sum(0)  # harmonic mean
         maps = F.interpolate(patch.view(-1, 1, self.clip.grid, self.clip.grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
