@@ -252,7 +252,7 @@ class ReconstructionModule(L.LightningModule):
         self.log("val/ap", ap)
 
     def configure_optimizers(self):
-        opt = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        opt = self.make_optimizer(self.model.parameter_groups(self.optim_cfg["lr"]))
         sched = self.make_scheduler(opt)
         if sched is None:
             return opt

@@ -50,3 +50,12 @@ def check_probability(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
         raise ConfigError("augment.p", f"must be in (0, 1]; got {p!r}")
     return float(p)
+
+
+def synthesize_share(augment: nn.Module, x: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-anomalies (augment.synthesize) on a random share of the batch, the rest left clean:
+    (images, masks [B,1,H,W] bool, empty for the clean ones). The models trained on pseudo-anomaly
+    masks (DRAEM, FE-CLIP outside the zero-shot protocol) draw their batches so."""
+    synthesized, mask = augment.synthesize(x)
+    chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < share
+    return torch.where(chosen, synthesized, x), mask & chosen

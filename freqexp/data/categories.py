@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from freqexp.data import btad, mpdd, mvtec, visa
-from freqexp.data.base import DATASETS, OneClassData, Split
+from freqexp.data.base import DATASETS, ZERO_SHOT, OneClassData, Split
 from freqexp.data.images import (
     Geometry, channels_option, decode, extensions_option, folder_option, native_size, resolve_channels,
 )
@@ -44,7 +44,6 @@ from freqexp.data.mvtec import CategoryFiles, Entry, all_files, check_options, c
 from freqexp.errors import ConfigError, DataError
 
 ALL = "all"
-ZERO_SHOT = "zero-shot"
 
 
 @dataclass(frozen=True)
@@ -60,19 +59,13 @@ class Layout:
     good: str  # the normals' folder / label name
 
 
-def _folder_scan(good: str, mask_suffix: str, name: str) -> Callable[..., CategoryFiles]:
-    def scan(root: Path, category: str, extensions, with_train: bool = True) -> CategoryFiles:
-        return mvtec.scan_category(root, category, extensions, good, mask_suffix, name, with_train)
-    return scan
+def _layout(name: str, module) -> Layout:
+    """The Layout a dataset module describes: its list_categories, scan and folder constants."""
+    return Layout(name, module.list_categories, module.scan, module.MASK_THRESHOLD, module.ROOT_WHAT, module.STRUCTURE, module.GOOD)
 
 
-LAYOUTS: dict[str, Layout] = {
-    "mvtec": Layout("mvtec", mvtec.list_categories, _folder_scan(mvtec.GOOD, mvtec.MASK_SUFFIX, "mvtec"),
-                    mvtec.MASK_THRESHOLD, mvtec.ROOT_WHAT, mvtec.STRUCTURE, mvtec.GOOD),
-    "visa": Layout("visa", visa.list_categories, visa.scan, visa.MASK_THRESHOLD, visa.ROOT_WHAT, visa.STRUCTURE, visa.GOOD),
-    "btad": Layout("btad", btad.list_categories, btad.scan, btad.MASK_THRESHOLD, btad.ROOT_WHAT, btad.STRUCTURE, btad.GOOD),
-    "mpdd": Layout("mpdd", mpdd.list_categories, mpdd.scan, mpdd.MASK_THRESHOLD, mpdd.ROOT_WHAT, mpdd.STRUCTURE, mpdd.GOOD),
-}
+LAYOUTS: dict[str, Layout] = {name: _layout(name, module) for name, module in
+                              (("mvtec", mvtec), ("visa", visa), ("btad", btad), ("mpdd", mpdd))}
 
 
 def layout_named(name: str, key: str = "dataset.train_from") -> Layout:
@@ -129,10 +122,10 @@ def categories_of(layout: Layout, cfg, zero_shot: bool) -> list[str]:
 
     root = root_of(layout, cfg)
     found = categories_under(layout, root, "dataset.root")
+    if zero_shot and pooled(cfg):
+        return found
     missing = OmegaConf.is_missing(cfg, "category")
     category = None if missing else cfg.get("category")
-    if zero_shot and (category is None or category == ALL):
-        return found
     if category == ALL:
         command = ["python", "-m", "freqexp", "--multirun", f"dataset={layout.name}", f"dataset.root={root}",
                    f"dataset.category={','.join(found)}"]
@@ -252,7 +245,8 @@ def _zero_shot_rows(layout: Layout, cfg, zs: ZeroShot) -> tuple[list[str], list[
 def zero_shot_shape(layout: Layout, cfg, zs: ZeroShot) -> tuple[int, int, int]:
     _, train, test = _zero_shot_rows(layout, cfg, zs)
     channels = resolve_channels(channels_option(cfg), [r.file for r in train + test])
-    return (channels, *Geometry.from_cfg(cfg).output_size(Geometry.from_cfg(cfg).size))
+    geometry = Geometry.from_cfg(cfg)
+    return (channels, *geometry.output_size(geometry.size))
 
 
 def load_zero_shot(layout: Layout, cfg, zs: ZeroShot) -> OneClassData:

@@ -80,6 +80,11 @@ def mask_files(folder: Path, extensions, suffix: str = MASK_SUFFIX) -> dict[str,
     return out
 
 
+def scan(root: Path, category: str, extensions, with_train: bool = True) -> CategoryFiles:
+    """MVTec AD's files of one category (scan_category with its folder names)."""
+    return scan_category(root, category, extensions, with_train=with_train)
+
+
 def scan_category(root: Path, category: str, extensions, good: str = GOOD, mask_suffix: str = MASK_SUFFIX,
                   layout: str = "mvtec", with_train: bool = True) -> CategoryFiles:
     """The files of root/<category> in the folder layout: <good> is the normals' folder name

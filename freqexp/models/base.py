@@ -62,6 +62,10 @@ class ReconstructionModel(nn.Module):
             raise ConfigError(f"model.{unknown[0]}", f"not an option of {cls.__name__}; its options: {', '.join(sorted(accepted))}")
         return cls(in_shape, **kwargs)
 
+    def parameter_groups(self, lr: float) -> list:
+        """What the optimizer updates: the trainable parameters (or param-group dicts with their own lr)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def extra_losses(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {}
 

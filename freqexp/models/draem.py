@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.augment.base import synthesize_share
 from freqexp.augment.geometric import random_rotation
 from freqexp.checks import choice, number, positive_int_list
 from freqexp.errors import ConfigError
@@ -200,9 +201,7 @@ class DraemModule(ReconstructionModule):
 
     def pseudo_anomalies(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images with a defect pasted in a fraction anomaly_p of them, their masks)."""
-        synthesized, mask = self.augment.synthesize(x)
-        chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.model.anomaly_p
-        return torch.where(chosen, synthesized, x), mask & chosen
+        return synthesize_share(self.augment, x, self.model.anomaly_p)
 
     def training_step(self, x: torch.Tensor, batch_idx: int):
         x = random_rotation(x, self.model.rotate_p, self.model.rotate_degrees)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freqexp.augment.base import synthesize_share
 from freqexp.checks import choice, number
 from freqexp.errors import ConfigError
 from freqexp.models.base import MODELS, ReconstructionModel
@@ -299,10 +300,9 @@ class FeClipModule(ReconstructionModule):
                                                  "a filter can act on its input only (apply_to=input)")
 
     def pseudo_anomalies(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        synthesized, mask = self.augment.synthesize(x)
-        chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.model.anomaly_p
-        mask = mask & chosen
-        return torch.where(chosen, synthesized, x), mask.flatten(1).any(1).long(), mask
+        """(images with a pseudo-anomaly in a share anomaly_p of them, their labels, their masks)."""
+        images, mask = synthesize_share(self.augment, x, self.model.anomaly_p)
+        return images, mask.flatten(1).any(1).long(), mask
 
     def training_step(self, batch, batch_idx: int):
         if isinstance(batch, (tuple, list)):
@@ -313,11 +313,3 @@ class FeClipModule(ReconstructionModule):
         total, parts = self.model.supervised_loss(x_in, labels, masks)
         self.check_and_log(total, parts, x.shape[0])
         return total
-
-    def configure_optimizers(self):
-        groups = self.model.parameter_groups(self.optim_cfg["lr"])
-        opt = self.make_optimizer(groups)
-        sched = self.make_scheduler(opt)
-        if sched is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
