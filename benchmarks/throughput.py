@@ -1,6 +1,6 @@
 """Training throughput: freqexp's training path (Lightning Trainer + ReconstructionModule +
 device-resident index batches + per-epoch validation) against a plain PyTorch loop training
-the same CAE, same loss, same optimizer, scheduler, precision and batches, in this one process.
+the same CAE, same loss, same optimizer, scheduler, precision, memory layout (hardware.channels_last) and batches, in this one process.
 
     .venv/bin/python benchmarks/throughput.py [--epochs 3] [--batch-size 256] [--limit 5400] [ARGS...]
     .venv/bin/python benchmarks/throughput.py --proxy      # the per-step overhead, on any machine
@@ -45,7 +45,8 @@ PROXY = ["model=ae", "model.hidden=[16]", "model.latent_dim=4", "loss=mse", "dat
 def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, float]:
     """(images/s, seconds per step) of a hand-written loop over the same batches (epochs after the
     first), with torch's default AdamW or the fused one (the optimizer freqexp builds)."""
-    model, loss = plan.model.to(images.device), plan.loss
+    layout = torch.channels_last if plan.hardware.channels_last else torch.contiguous_format  # the layout freqexp trains in
+    model, loss = plan.model.to(images.device, memory_format=layout), plan.loss
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     batches = IndexBatches(images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
@@ -58,7 +59,7 @@ def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, floa
         sync(images.device)
         t0 = time.perf_counter()
         for xb in batches:
-            x = to_unit_float(xb)
+            x = to_unit_float(xb).contiguous(memory_format=layout)
             with torch.autocast(images.device.type, dtype=amp_dtype, enabled=use_amp):
                 total, _ = loss(model(x)["recon"], x)
             opt.zero_grad(set_to_none=True)
@@ -162,7 +163,7 @@ def main():
     ips = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     us = {k: statistics.median(r[1] for r in v) * 1e6 for k, v in runs.items()}
     hw = make_plan(cfg).hardware
-    print(f"device {hw.device.type} ({hw.precision}), model {cfg.model.name}, loss {cfg.loss.spec}, batch {batch_size}, "
+    print(f"device {hw.device.type} ({hw.precision}, {'NHWC' if hw.channels_last else 'NCHW'} on both sides), model {cfg.model.name}, loss {cfg.loss.spec}, batch {batch_size}, "
           f"{len(data.train)} train images, {args.epochs - 1} timed epochs x {args.repeats}; timed: training batches "
           f"(freqexp's per-epoch validation runs outside the clock){' [proxy: negligible model]' if args.proxy else ''}")
     labels = {"plain": "plain loop, torch's default AdamW", "fused": "plain loop, fused AdamW", "ours": "freqexp (Lightning)"}

@@ -13,7 +13,7 @@ import torch
 from freqexp.data import OneClassData, Split
 from freqexp.progress import Progress
 from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, has_both_pixel_classes, pro_auc, roc_auc
-from freqexp.training import ReconstructionModule, to_unit_float
+from freqexp.training import ReconstructionModule
 
 PRO_MAX_FPR = 0.3  # test/pro integrates PRO over FPR in [0, 0.3], as in the MVTec AD benchmark
 
@@ -42,7 +42,7 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             with progress.chunk(len(batch)):  # models scoring in micro-batches report each one
-                m, batch_scores = module.score(to_unit_float(batch.to(device)))
+                m, batch_scores = module.score(module.as_input(batch.to(device)))
             scores.append(batch_scores)
             if keep_maps:
                 maps.append(m.cpu())

@@ -250,6 +250,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
             params.update({f"choice.{group}": option for group, option in group_choices().items()})
             params.update(protocol_params(cfg, plan, data, protocol))
             params.update({"resolved.accelerator": plan.hardware.accelerator, "resolved.precision": plan.hardware.precision,
+                           "resolved.channels_last": plan.hardware.channels_last,
                            "resolved.cpu_threads": torch.get_num_threads(), "model.n_params": sum(p.numel() for p in plan.model.parameters())})
             params.update({f"data.{k}": v for k, v in data.counts().items()})
             if "root" in data.info:

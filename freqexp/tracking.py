@@ -167,7 +167,7 @@ RUN_CONTROL = (
     "hardware", "choice.hardware",          # accelerator, precision, device_index (a sweep's GPU slot)
     "trainer.progress_bar",                 # what the terminal shows
     "dataset.cache", "dataset.cache_dir",   # where decoded images are kept
-    "resolved.accelerator", "resolved.precision", "resolved.cpu_threads",  # what the machine gave
+    "resolved.accelerator", "resolved.precision", "resolved.cpu_threads", "resolved.channels_last",  # what the machine gave
     "data",                                 # what was read: data.root (where the files were found) and the
                                             # split counts, which follow the dataset.* keys
 )

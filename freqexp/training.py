@@ -45,6 +45,7 @@ class ReconstructionModule(L.LightningModule):
         score: Dict[str, Any],
         max_epochs: int,
         nan_guard: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.model, self.loss, self.augment = model, loss, augment
@@ -54,6 +55,10 @@ class ReconstructionModule(L.LightningModule):
         self.augments = not isinstance(augment, NoAugment)
         self.filters = not isinstance(filter_module, nn.Identity)
         self.max_epochs, self.nan_guard = max_epochs, nan_guard
+        # hardware.channels_last: the model's 4-D weights and every image batch in NHWC (as_input)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.images_seen = 0
         # The shared step (training_step below) optimizes by hand: Lightning's automatic optimization
         # wraps each step in a closure and several hooks, about 90 us of host time a step on 2 CPU
@@ -84,7 +89,7 @@ class ReconstructionModule(L.LightningModule):
         return cls(plan.model, plan.loss, plan.augment, plan.filter, plan.placement,
                    optim=OmegaConf.to_container(cfg.optim), score=OmegaConf.to_container(cfg.score),
                    max_epochs=cfg.trainer.max_epochs if max_epochs is None else max_epochs,
-                   nan_guard=cfg.trainer.nan_guard)
+                   nan_guard=cfg.trainer.nan_guard, channels_last=plan.hardware.channels_last)
 
     def on_train_start(self):
         loader = self.trainer.train_dataloader
@@ -94,17 +99,23 @@ class ReconstructionModule(L.LightningModule):
         # produced lazily: a model without a prepare() of its own never draws a batch
         plain = IndexBatches(loader.tensors[0], batch_size=loader.batch_size)
         with torch.no_grad():
-            self.model.prepare(self.model_io(to_unit_float(b.to(self.device)), train=False)[0] for b in plain)
+            self.model.prepare(self.model_io(self.as_input(b.to(self.device)), train=False)[0] for b in plain)
 
     def calibrate(self, val_images: torch.Tensor, batch_size: int) -> None:
         """Called after fitting, before val and test are scored, with the val images (uint8, or float in [0,1]).
         Models whose raw scores need a scale fixed on validation (GANomaly) override it."""
 
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch (uint8, or float in [0, 1]) as the model takes it: float in [0, 1], a copy
+        (never a view of the dataset), in the module's memory format (NHWC with channels_last)."""
+        x = to_unit_float(x)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
     # -- data arrives as uint8 on the device; convert there, batched
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, (tuple, list)):
-            return (to_unit_float(batch[0]), *batch[1:])
-        return to_unit_float(batch)
+            return (self.as_input(batch[0]), *batch[1:])
+        return self.as_input(batch)
 
     def model_io(self, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(model input, target) for a clean batch, per augment and filter placement."""

@@ -266,12 +266,10 @@ class GanomalyModule(ReconstructionModule):
     @torch.no_grad()
     def calibrate(self, val_images: torch.Tensor, batch_size: int) -> None:
         """Fix the score scale on the whole validation split (raw min and max into model buffers)."""
-        from freqexp.training import to_unit_float
-
         raw = []
         with eval_mode(self):
             for start in range(0, len(val_images), batch_size):
-                x = to_unit_float(val_images[start : start + batch_size].to(self.device))
+                x = self.as_input(val_images[start : start + batch_size].to(self.device))
                 x_in, _ = self.model_io(x, train=False)
                 raw.append(self.model.raw_score(x_in))
         raw = torch.cat(raw)

@@ -64,12 +64,11 @@ def figure_data(module, data, scored, metrics) -> Dict[str, np.ndarray]:
     import torch
 
     from freqexp import plots
-    from freqexp.training import to_unit_float
 
     test = scored["test"]
     labels = data.test.labels.cpu()
     pick = torch.cat([torch.nonzero(labels == 0).flatten()[:GRID_PER_CLASS], torch.nonzero(labels == 1).flatten()[:GRID_PER_CLASS]])
-    x = to_unit_float(data.test.images[pick.to(data.test.images.device)].to(module.device))
+    x = module.as_input(data.test.images[pick.to(data.test.images.device)].to(module.device))
     with torch.no_grad():
         x_in, _ = module.model_io(x, train=False)
         recon = module.model.reconstruct(x_in)
