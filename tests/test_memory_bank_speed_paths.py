@@ -105,6 +105,66 @@ def test_bf16_shortlist_finds_the_true_nearest_rows():
     assert (torch.from_numpy(brute_force(queries, bank)).gather(1, naive[:, None])[:, 0].numpy() > expected * (1 + 1e-6)).sum() > 10
 
 
+def low_rank_like(n: int, dim: int, rank: int, seed: int, basis: torch.Tensor) -> torch.Tensor:
+    """Rows whose variance lies mostly in `rank` directions (as CNN patch features' does), plus
+    small full-width noise, clusters and near-duplicates."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = (torch.randn(n, rank, generator=gen) * torch.linspace(3, 0.3, rank)) @ basis + 0.05 * torch.randn(n, dim, generator=gen)
+    m = n // 8
+    rows[:m] = rows[m : 2 * m] + 1e-3 * torch.randn(m, dim, generator=gen)  # near-duplicates
+    return rows + 4.0  # a common offset, as ReLU features have
+
+
+class CountsRedo:
+    """Spy on nearest_k: the sizes of the query sets the pruned search hands back to the fp32 product."""
+
+    def __init__(self, monkeypatch):
+        self.sizes: list[int] = []
+        original = bank_search.nearest_k
+
+        def spy(queries, bank, k=1, index=None, **kw):
+            if index is not None and index.search == "fp32":
+                self.sizes.append(queries.shape[0])
+            return original(queries, bank, k, index, **kw)
+
+        monkeypatch.setattr(bank_search, "nearest_k", spy)
+
+
+@pytest.mark.parametrize("n_bank", [1000, 1003, 17])  # whole groups, a tail of n % GROUP rows, a bank of one shortlist
+def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(96, 24, generator=gen))[0].T  # 24 orthonormal rows in 96 dims
+    bank, queries = low_rank_like(n_bank, 96, 24, 1, basis), low_rank_like(700, 96, 24, 2, basis)
+    redo = CountsRedo(monkeypatch)
+    got_d, got_i = nearest_k(queries, bank, 1, BankIndex(bank, "pruned"))
+    d = brute_force(queries, bank)
+    np.testing.assert_allclose(got_d[:, 0].numpy(), d.min(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d[np.arange(len(d)), got_i[:, 0].numpy()], d.min(1), rtol=1e-5, atol=1e-6)
+    assert sum(redo.sizes) <= 0.05 * len(queries)  # the bound settles nearly every query by itself
+
+
+def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch):
+    # isotropic rows in 300 dims: no subspace holds their variance, the bound settles few queries
+    gen = torch.Generator().manual_seed(4)
+    bank, queries = torch.randn(800, 300, generator=gen), torch.randn(300, 300, generator=gen)
+    redo = CountsRedo(monkeypatch)
+    got_d, got_i = nearest_k(queries, bank, 1, BankIndex(bank, "pruned"))
+    d = brute_force(queries, bank)
+    assert sum(redo.sizes) > 100  # the fp32 product answered those
+    np.testing.assert_allclose(got_d[:, 0].numpy(), d.min(1), rtol=1e-5)
+    assert (got_i[:, 0].numpy() == d.argmin(1)).all()
+
+
+def test_pruned_bound_never_exceeds_the_distance():
+    gen = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(64, 10, generator=gen))[0].T
+    bank, queries = low_rank_like(500, 64, 10, 1, basis), low_rank_like(200, 64, 10, 2, basis)
+    index = BankIndex(bank, "pruned")
+    assert index.basis.shape == (64, min(bank_search.PRUNE_DIMS, 64))
+    bound = torch.cdist(index.embed(queries).double(), index.embedded.double())
+    assert (bound.numpy() <= brute_force(queries, bank) * (1 + 1e-5) + 1e-6).all()
+
+
 def fitted(cls, x, **options):
     model = cls(tuple(x.shape[1:]), **options)
     model.observe(x)
@@ -223,7 +283,7 @@ def test_precision_option_picks_the_fast_settings_only_where_they_are(monkeypatc
         monkeypatch.setattr(bank_search, "cpu_has_fast_bf16", lambda fast=fast: fast)
         mb._warned.clear()
         models = {p: PatchCore((1, 32, 32), precision=p, **SMALL) for p in ("auto", "fp32", "bf16", "fp16")}
-        assert models["auto"].search_mode(cpu) == ("bf16" if fast else "fp32") and models["auto"].compute_dtype(cpu) is None
+        assert models["auto"].search_mode(cpu) == ("bf16" if fast else "pruned") and models["auto"].compute_dtype(cpu) is None
         assert models["fp32"].search_mode(cpu) == "fp32" and models["fp32"].compute_dtype(cpu) is None
         with caplog.at_level(logging.WARNING, logger="freqexp"):
             assert models["bf16"].compute_dtype(cpu) == (torch.bfloat16 if fast else None)
@@ -250,6 +310,26 @@ def test_auto_precision_scores_images_as_fp32_does(cls, fast_bf16_cpu):
     model.precision = "auto"
     maps, scores = model.score(test)
     assert model.bank_index().search == "bf16"
+    assert abs(roc_auc_score(labels, scores.numpy()) - roc_auc_score(labels, scores32.numpy())) <= 1e-4
+    torch.testing.assert_close(scores, scores32, rtol=1e-5, atol=0)
+    torch.testing.assert_close(maps, maps32, rtol=0, atol=1e-5 * float(maps32.max() - maps32.min()))
+
+
+@pytest.mark.parametrize("cls", [PatchCore, WedgeNet])
+def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    monkeypatch.setattr(bank_search, "cpu_has_fast_bf16", lambda: False)
+    torch.manual_seed(0)
+    model = fitted(cls, images(12, 1), sampling_ratio=0.25, **SMALL)
+    test = torch.cat([images(20, 2), images(20, 3, anomalous=True)])
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    model.precision = "fp32"
+    maps32, scores32 = model.score(test)
+    assert model.bank_index().search == "fp32"
+    model.precision = "auto"
+    maps, scores = model.score(test)
+    assert model.bank_index().search == "pruned"
     assert abs(roc_auc_score(labels, scores.numpy()) - roc_auc_score(labels, scores32.numpy())) <= 1e-4
     torch.testing.assert_close(scores, scores32, rtol=1e-5, atol=0)
     torch.testing.assert_close(maps, maps32, rtol=0, atol=1e-5 * float(maps32.max() - maps32.min()))

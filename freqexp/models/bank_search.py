@@ -20,6 +20,15 @@ so the distances reported are always fp32 distances to bank rows:
         docs/models.md) the true nearest row is within the first 3 of this order; 7 extra
         candidates are kept. Where a CPU has AMX / AVX512-BF16 this product runs ~6x faster
         than fp32; on CUDA it uses the bf16 tensor cores (compute capability >= 8.0).
+  pruned  (k = 1, CPUs without fast bf16) an exact search that skips most of the product. Each
+        row x is embedded as e(x) = [P^T c, |c - P P^T c|], c = x - bank mean, P the bank's
+        PRUNE_DIMS leading principal directions: |e(q) - e(b)| <= |q - b| (Pythagoras, then the
+        triangle inequality on the residuals). One product in PRUNE_DIMS + 1 dimensions gives
+        every row's lower bound; the PRUNE_SHORTLIST rows with the smallest bounds are re-ranked
+        by their exact fp32 distances, and the best of them, d, is the answer when no row outside
+        the shortlist has a bound (lowered by PRUNE_MARGIN against rounding) below d. Queries
+        where one has are searched again by the fp32 product. Same answers as fp32 (tested); on
+        PatchCore's features the product shrinks ~16x and nearly every query is settled.
 """
 from __future__ import annotations
 
@@ -31,8 +40,11 @@ from typing import Optional
 
 import torch
 
-SEARCHES = ("fp32", "bf16")
-SHORTLIST_EXTRA = {"fp32": 3, "bf16": 7}  # candidates re-ranked beyond the k asked for
+SEARCHES = ("fp32", "bf16", "pruned")
+SHORTLIST_EXTRA = {"fp32": 3, "bf16": 7, "pruned": 3}  # candidates re-ranked beyond the k asked for
+PRUNE_DIMS = 128  # principal directions of the pruned search's lower-bound embedding
+PRUNE_SHORTLIST = 16  # rows per query re-ranked exactly before the bound is checked
+PRUNE_MARGIN = 3e-5  # the bound is lowered by this share of the embedded squared norms (fp32 rounding)
 GROUP = 16  # rows per group of the k = 1 shortlist (see _block_candidates)
 ALIGN = 16  # augmented rows are padded to a multiple of this (tensor-core / AMX tile friendly)
 MIN_QUERY_ROWS = 256  # below this many queries per block, the bank is split instead
@@ -143,7 +155,9 @@ class BankIndex:
         with torch.no_grad(), torch.autocast(bank.device.type, enabled=False):
             b = bank.float()
             self.sq_norms = b.pow(2).sum(1)
-            self.mean = self.augmented = None
+            self.mean = self.augmented = self.basis = self.embedded = None
+            if search == "pruned":
+                self._build_embedding(b)
             if search == "bf16":
                 self.mean = b.mean(0)
                 self.augmented = torch.zeros(self.rows, _padded_width(self.dim), dtype=torch.bfloat16, device=bank.device)
@@ -156,12 +170,40 @@ class BankIndex:
                     rows[:, self.dim], rows[:, self.dim + 1] = hi, lo
                     rows[:, self.dim + 2 : self.dim + 4] = 1
 
+    def _build_embedding(self, b: torch.Tensor) -> None:
+        """The pruned search's mean, basis P [D, PRUNE_DIMS] (eigenvectors of the bank's scatter
+        matrix, fp64 eigh) and embedded bank rows [N, PRUNE_DIMS + 1] with their squared norms."""
+        self.mean = b.mean(0)
+        step = max(1, self.budget // max(1, 8 * self.dim))
+        scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=b.device)
+        for start in range(0, self.rows, step):
+            c = b[start : start + step] - self.mean
+            scatter += (c.T @ c).double()
+        _, vectors = torch.linalg.eigh(scatter)
+        self.basis = vectors[:, -min(PRUNE_DIMS, self.dim):].flip(1).float().contiguous()
+        self.embedded = torch.cat([self.embed(b[start : start + step]) for start in range(0, self.rows, step)])
+        self.embedded_sq = self.embedded.pow(2).sum(1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, PRUNE_DIMS + 1]: each row's coordinates on the basis and the norm of what is left."""
+        c = x.float() - self.mean
+        p = c @ self.basis
+        residual = torch.linalg.vector_norm(torch.addmm(c, p, self.basis.T, alpha=-1.0), dim=1, keepdim=True)
+        return torch.cat([p, residual], 1)
+
+    def as_fp32(self) -> "BankIndex":
+        """This index searching by the plain fp32 product (shares the cached norms)."""
+        plain = BankIndex.__new__(BankIndex)
+        plain.__dict__.update(self.__dict__)
+        plain.search = "fp32"
+        return plain
+
     def matches(self, bank: torch.Tensor, search: str) -> bool:
         return self._ref() is bank and self._version == bank._version and self.search == search
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         """Queries in the form `scores` multiplies: fp32 as they are, or augmented bf16 rows."""
-        if self.search == "fp32":
+        if self.search != "bf16":
             return q
         low = (q - self.mean).to(torch.bfloat16)
         hi, lo = _split(low.float().pow(2).sum(1), torch.bfloat16)
@@ -174,12 +216,12 @@ class BankIndex:
     def scores(self, bank: torch.Tensor, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """[Q, stop - start] scores ordering bank rows start..stop by distance to each query
         (fp32: |b|^2 - 2 q.b; bf16: the approximate squared distance)."""
-        if self.search == "fp32":
+        if self.search != "bf16":
             return torch.addmm(self.sq_norms[start:stop], prepared, bank[start:stop].float().T, alpha=-2.0)
         return prepared @ self.augmented[start:stop].T
 
     def score_bytes(self) -> int:
-        return 4 if self.search == "fp32" else 2
+        return 2 if self.search == "bf16" else 4
 
     def __reduce__(self):
         return (_no_index, ())
@@ -250,6 +292,8 @@ def nearest_k(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, index: Opti
     if queries.shape[0] == 0 or k == 0:
         return (queries.new_zeros(queries.shape[0], k, dtype=torch.float32),
                 torch.zeros(queries.shape[0], k, dtype=torch.long, device=queries.device))
+    if index.search == "pruned" and k == 1 and n > PRUNE_SHORTLIST:
+        return _pruned_nearest(queries, bank, index)
     shortlist = min(n, k + SHORTLIST_EXTRA[index.search])
     rows, bank_rows = chunk_sizes(index, queries.shape[0])
     # k = 1 groups GROUP rows: blocks of whole groups, and the last n % GROUP rows a block of their own
@@ -276,6 +320,42 @@ def nearest_k(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, index: Opti
                 dists.append(d)
                 idxs.append(i)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_k's k = 1 by the pruned search (module docstring): [Q, 1] fp32 distances and indices.
+    Per block of queries: lowered bounds L = (1 - m)(|e(q)|^2 + |e(b)|^2) - 2 e(q).e(b) for every
+    bank row, the shortlist's exact distances d, and the check that every row with L <= d^2 is in
+    the shortlist; the queries that fail it go through the fp32 product."""
+    n = bank.shape[0]
+    rows = max(1, min(queries.shape[0], index.budget // (n * 4 * 2)))
+    main = n - n % GROUP
+    keep = 1.0 - PRUNE_MARGIN
+    dists = torch.empty(queries.shape[0], 1, dtype=torch.float32, device=queries.device)
+    idxs = torch.empty(queries.shape[0], 1, dtype=torch.long, device=queries.device)
+    unsettled = []
+    with torch.no_grad(), torch.autocast(queries.device.type, enabled=False), fp32_matmul():
+        bank32 = bank.float()
+        lowered_bank = index.embedded_sq * keep
+        for start in range(0, queries.shape[0], rows):
+            q = queries[start : start + rows].float()
+            e = index.embed(q)
+            bound = torch.addmm(lowered_bank, e, index.embedded.T, alpha=-2.0).add_(e.pow(2).sum(1, keepdim=True), alpha=keep)
+            _, cand = _block_candidates(bound[:, :main], 0, PRUNE_SHORTLIST, 1)
+            if main < n:  # the last n % GROUP rows are always candidates
+                tail = torch.arange(main, n, device=q.device).expand(q.shape[0], -1)
+                cand = torch.cat([cand, tail], 1)
+            d, i = _rerank(q, cand, bank32, 1)
+            limit = d.square()
+            below = (bound <= limit).sum(1)  # every row that could be nearer than d, shortlisted or not
+            below_shortlisted = (bound.gather(1, cand) <= limit).sum(1)
+            dists[start : start + q.shape[0]], idxs[start : start + q.shape[0]] = d, i
+            unsettled.append(torch.nonzero(below != below_shortlisted).flatten() + start)
+        redo = torch.cat(unsettled)
+    if redo.numel():  # a sync; nearly always an empty set on PatchCore features
+        d, i = nearest_k(queries[redo], bank, 1, index.as_fp32())
+        dists[redo], idxs[redo] = d, i
+    return dists, idxs
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, index: Optional[BankIndex] = None) -> torch.Tensor:

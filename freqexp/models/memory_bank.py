@@ -320,8 +320,14 @@ class PatchCore(GradientFreeModel):
         return None
 
     def search_mode(self, device: torch.device) -> str:
-        """The nearest-neighbour search: a bf16 shortlist re-ranked in fp32 where bf16 is fast, except with precision=fp32."""
-        return "bf16" if self.precision != "fp32" and fast_bf16(device) else "fp32"
+        """The nearest-neighbour search: precision=fp32 the plain fp32 product; otherwise a bf16 shortlist
+        re-ranked in fp32 where bf16 is fast, else on a CPU the pruned exact search (a principal-subspace
+        lower bound skips most of the product; bank_search), on CUDA the fp32 product."""
+        if self.precision == "fp32":
+            return "fp32"
+        if fast_bf16(device):
+            return "bf16"
+        return "pruned" if torch.device(device).type == "cpu" else "fp32"
 
     def bank_index(self) -> BankIndex:
         """The bank's search index (squared norms, bf16 copy), built once per bank: rebuilt only
