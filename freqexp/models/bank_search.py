@@ -325,8 +325,8 @@ def nearest_k(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, index: Opti
 def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """nearest_k's k = 1 by the pruned search (module docstring): [Q, 1] fp32 distances and indices.
     Per block of queries: lowered bounds L = (1 - m)(|e(q)|^2 + |e(b)|^2) - 2 e(q).e(b) for every
-    bank row, the shortlist's exact distances d, and the check that every row with L <= d^2 is in
-    the shortlist; the queries that fail it go through the fp32 product."""
+    bank row, the shortlist's exact distances d, and the check that no row outside the shortlist
+    has L <= d^2; the queries that fail it go through the fp32 product."""
     n = bank.shape[0]
     rows = max(1, min(queries.shape[0], index.budget // (n * 4 * 2)))
     main = n - n % GROUP
@@ -346,11 +346,10 @@ def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex)
                 tail = torch.arange(main, n, device=q.device).expand(q.shape[0], -1)
                 cand = torch.cat([cand, tail], 1)
             d, i = _rerank(q, cand, bank32, 1)
-            limit = d.square()
-            below = (bound <= limit).sum(1)  # every row that could be nearer than d, shortlisted or not
-            below_shortlisted = (bound.gather(1, cand) <= limit).sum(1)
+            # settled: no row outside the shortlist has a bound within d (one min pass, no counting)
+            outside = bound.scatter_(1, cand, float("inf")).amin(1, keepdim=True)
             dists[start : start + q.shape[0]], idxs[start : start + q.shape[0]] = d, i
-            unsettled.append(torch.nonzero(below != below_shortlisted).flatten() + start)
+            unsettled.append(torch.nonzero(outside[:, 0] <= d.square()[:, 0]).flatten() + start)
         redo = torch.cat(unsettled)
     if redo.numel():  # a sync; nearly always an empty set on PatchCore features
         d, i = nearest_k(queries[redo], bank, 1, index.as_fp32())
