@@ -1,7 +1,7 @@
 """hardware.channels_last: the same model, weights and images in NCHW and in NHWC, in this one
 process, alternating. Times (1) scoring the test images as the evaluation does (freqexp.evaluate
-.score_split, eval batch) and (2) training steps (forward, loss, backward, AdamW step) at the
-training batch, and prints NHWC / NCHW speed ratios and the largest score difference.
+.score_split, eval batch) and (2) training steps (forward, loss, backward, AdamW step; under the run's
+precision, e.g. 16-mixed on a GPU) at the training batch, and prints NHWC / NCHW speed ratios and the largest score difference.
 
     .venv/bin/python benchmarks/channels_last.py [--images 4096] [--steps 20] [--repeats 2] [ARGS...]
 
@@ -46,6 +46,9 @@ def train_seconds(module, images: torch.Tensor, batch_size: int, steps: int) -> 
     effect on the step itself, not on Lightning's path)."""
     model = module.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    precision = module.trainer_precision
+    amp = precision in ("16-mixed", "bf16-mixed")
+    scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
     n = len(images)
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
@@ -53,10 +56,12 @@ def train_seconds(module, images: torch.Tensor, batch_size: int, steps: int) -> 
             t0 = time.perf_counter()
         start = (i * batch_size) % max(1, n - batch_size)
         x = module.as_input(images[start : start + batch_size])
-        total, _ = module.loss(model(x)["recon"], x)
+        with torch.autocast(images.device.type, dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16, enabled=amp):
+            total, _ = module.loss(model(x)["recon"], x)
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
     sync(images.device)
     return (time.perf_counter() - t0) / steps
 
@@ -74,14 +79,14 @@ def main():
     device = plan.hardware.device
     data = build_dataset(cfg.dataset).to(device)
     test = data.test.subset(torch.arange(min(args.images, len(data.test))))
-    base = ReconstructionModule.from_plan(plan, cfg).to(device)
-    state = copy.deepcopy(base.model.state_dict())
+    state = copy.deepcopy(plan.model.state_dict())
     modules = {}
     for layout in ("NCHW", "NHWC"):
         p = make_plan(cfg)
         p.hardware.channels_last = layout == "NHWC"
         p.model.load_state_dict(state)
         modules[layout] = ReconstructionModule.from_plan(p, cfg).to(device)
+        modules[layout].trainer_precision = p.hardware.precision
     score_s = {k: [] for k in modules}
     step_s = {k: [] for k in modules}
     scores = {}

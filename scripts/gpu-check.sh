@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TR
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-560}))
 
 if [ -z "${PY:-}" ]; then
-  if ! ls .whl/*.whl >/dev/null 2>&1 && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  if ! ls .whl/*.whl >/dev/null 2>&1 && [ -x .venv/bin/python ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # offline machine: the carried wheels; freqexp itself from this checkout
   SITE=${SITE:-/tmp/freqexp-site}
@@ -87,16 +87,18 @@ B="$REPO/benchmarks"
 # GPU_CHECK_QUICK=1: tiny budgets, to rehearse every step on a CPU in a few minutes
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   T=(--limit 512 --epochs 2 --repeats 1); T2=(--limit 512 --epochs 2 --repeats 1); R=(--runs 2 trainer.max_epochs=1 dataset.limit_train=500)
-  M=(--limit-train 20 --limit-test 40 ++model.input_size=64)
+  M=(--limit-train 20 --limit-test 40 ++model.input_size=64); L=(--images 512 --steps 3 --repeats 1)
   S=(--packings 1 2 --classes 0 --epochs 1 dataset.limit_train=300); F=(); P=(-x)
 else
-  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--quick)
+  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--quick); L=(--images 10000 --steps 40)
   S=(--packings 1 4 8 --classes ${GPU_CHECK_CLASSES:-0,1,2,3} --epochs ${GPU_CHECK_EPOCHS:-10}); F=(); P=()
 fi
 step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 100 14 \
   "$PY" "$B/throughput.py" "${T[@]}" $([ "${GPU_CHECK_DIAGNOSE:-1}" = 1 ] && echo --diagnose) "$HW"
 step "1b. Training step, batch 1024" 80 7 \
   "$PY" "$B/throughput.py" "${T2[@]}" "$HW"
+step "1c. Memory layout: NCHW vs NHWC (hardware.channels_last; auto keeps NCHW on a GPU until this is measured)" 40 4 \
+  "$PY" "$B/channels_last.py" "${L[@]}" "$HW"
 step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 120 20 \
   "$PY" "$B/run_breakdown.py" "${R[@]}" "$HW"
 step "2b. What the start-up imports cost, by package" 60 16 \

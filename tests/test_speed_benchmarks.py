@@ -41,3 +41,16 @@ def test_run_breakdown_accounts_for_the_whole_wall_time():
     assert sum(steps.values()) == pytest.approx(wall, rel=0.05)  # every second of the wall is in one step
     besides = float(re.search(r"besides the fit: ([\d.]+) s", out)[1])
     assert besides == pytest.approx(wall - steps["fit"], abs=0.02)
+
+
+def test_channels_last_benchmark_reports_ratios_of_its_own_rows():
+    out = bench("channels_last.py", "--images", "64", "--steps", "2", "--repeats", "1", "dataset=synthetic", "trainer.batch_size=32",
+                "trainer.eval_batch_size=32")
+    rows = {m[1]: (float(m[2].replace(",", "")), float(m[3])) for m in
+            re.finditer(r"^(NCHW|NHWC): scoring\s+([\d,]+) img/s .*?training\s+([\d.]+) ms/step", out, re.M)}
+    assert set(rows) == {"NCHW", "NHWC"}
+    ratio = re.search(r"ratio NHWC / NCHW: scoring ([\d.]+)x, training step ([\d.]+)x; largest image-score difference ([\d.e+-]+)", out)
+    assert float(ratio[1]) == pytest.approx(rows["NHWC"][0] / rows["NCHW"][0], rel=0.02)
+    assert float(ratio[2]) == pytest.approx(rows["NCHW"][1] / rows["NHWC"][1], rel=0.05)
+    assert float(ratio[3]) < 1e-4  # the layout changes speed, not scores
+    assert "hardware.channels_last=auto gives True" in out  # the CAE on a CPU
