@@ -284,7 +284,8 @@ def nearest_k(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, index: Opti
     """fp32 Euclidean distances [Q, k] (ascending) and indices [Q, k] of each query's k nearest
     bank rows. `index` (a BankIndex of this bank) chooses the search and carries the cached
     norms; without one (or a stale one) an exact fp32 index is built for this call.
-    query_chunk / bank_chunk override the block sizes (tests). No host-device synchronisation."""
+    query_chunk / bank_chunk override the block sizes (tests). No host-device synchronisation (but the
+    pruned search, a CPU one, which reads back which queries its bound did not settle)."""
     if index is None or not index.matches(bank, index.search):
         index = BankIndex(bank, "fp32")
     n = bank.shape[0]
