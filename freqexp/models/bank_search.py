@@ -325,13 +325,19 @@ def nearest_k(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, index: Opti
 
 def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """nearest_k's k = 1 by the pruned search (module docstring): [Q, 1] fp32 distances and indices.
-    Per block of queries: lowered bounds L = (1 - m)(|e(q)|^2 + |e(b)|^2) - 2 e(q).e(b) for every
-    bank row, the shortlist's exact distances d, and the check that no row outside the shortlist
-    has L <= d^2; the queries that fail it go through the fp32 product."""
+    Per block of queries, the lowered bounds L = (1 - m)(|e(q)|^2 + |e(b)|^2) - 2 e(q).e(b) of every
+    bank row, less the query's own term (1 - m)|e(q)|^2, which orders nothing: one product, one
+    pass. The shortlist is the 2 best rows of the PRUNE_SHORTLIST / 2 strided groups of GROUP rows
+    with the smallest minima (as _block_candidates deals them), plus the last n % GROUP rows; the
+    smallest bound outside it is the smallest minimum of the other groups or the third best row of
+    a chosen one. A query is settled when that bound exceeds the square of its shortlist's best
+    exact distance d; the others go through the fp32 product."""
     n = bank.shape[0]
     rows = max(1, min(queries.shape[0], index.budget // (n * 4 * 2)))
     main = n - n % GROUP
+    groups, take = main // GROUP, PRUNE_SHORTLIST // 2
     keep = 1.0 - PRUNE_MARGIN
+    inf = float("inf")
     dists = torch.empty(queries.shape[0], 1, dtype=torch.float32, device=queries.device)
     idxs = torch.empty(queries.shape[0], 1, dtype=torch.long, device=queries.device)
     unsettled = []
@@ -340,17 +346,26 @@ def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex)
         lowered_bank = index.embedded_sq * keep
         for start in range(0, queries.shape[0], rows):
             q = queries[start : start + rows].float()
+            r = q.shape[0]
             e = index.embed(q)
-            bound = torch.addmm(lowered_bank, e, index.embedded.T, alpha=-2.0).add_(e.pow(2).sum(1, keepdim=True), alpha=keep)
-            _, cand = _block_candidates(bound[:, :main], 0, PRUNE_SHORTLIST, 1)
-            if main < n:  # the last n % GROUP rows are always candidates
-                tail = torch.arange(main, n, device=q.device).expand(q.shape[0], -1)
-                cand = torch.cat([cand, tail], 1)
+            bound = torch.addmm(lowered_bank, e, index.embedded.T, alpha=-2.0)  # L less the query's term
+            if groups > take:
+                dealt = bound[:, :main].view(r, GROUP, groups)  # row g + j * groups is dealt to group g
+                minima = dealt.amin(1)
+                _, g = minima.topk(take, dim=1, largest=False, sorted=False)
+                best, within = dealt.gather(2, g.unsqueeze(1).expand(-1, GROUP, -1)).topk(3, dim=1, largest=False, sorted=True)
+                cand = (within[:, :2] * groups + g.unsqueeze(1)).reshape(r, -1)
+                outside = torch.minimum(minima.scatter_(1, g, inf).amin(1), best[:, 2].amin(1))
+                if main < n:  # the last n % GROUP rows are always candidates
+                    cand = torch.cat([cand, torch.arange(main, n, device=q.device).expand(r, -1)], 1)
+            else:  # a bank of a few groups: the shortlist's smallest bounds, then the next one
+                v, order = bound.topk(min(n, PRUNE_SHORTLIST + 1), dim=1, largest=False, sorted=True)
+                cand = order[:, :PRUNE_SHORTLIST]
+                outside = v[:, PRUNE_SHORTLIST] if n > PRUNE_SHORTLIST else torch.full((r,), inf, device=q.device)
             d, i = _rerank(q, cand, bank32, 1)
-            # settled: no row outside the shortlist has a bound within d (one min pass, no counting)
-            outside = bound.scatter_(1, cand, float("inf")).amin(1, keepdim=True)
-            dists[start : start + q.shape[0]], idxs[start : start + q.shape[0]] = d, i
-            unsettled.append(torch.nonzero(outside[:, 0] <= d.square()[:, 0]).flatten() + start)
+            dists[start : start + r], idxs[start : start + r] = d, i
+            limit = d[:, 0].square() - keep * e.pow(2).sum(1)
+            unsettled.append(torch.nonzero(outside <= limit).flatten() + start)
         redo = torch.cat(unsettled)
     if redo.numel():  # a sync; nearly always an empty set on PatchCore features
         d, i = nearest_k(queries[redo], bank, 1, index.as_fp32())
