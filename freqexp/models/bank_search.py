@@ -24,9 +24,10 @@ so the distances reported are always fp32 distances to bank rows:
         row x is embedded as e(x) = [P^T c, |c - P P^T c|], c = x - bank mean, P the bank's
         PRUNE_DIMS leading principal directions: |e(q) - e(b)| <= |q - b| (Pythagoras, then the
         triangle inequality on the residuals). One product in PRUNE_DIMS + 1 dimensions gives
-        every row's lower bound; the PRUNE_SHORTLIST rows with the smallest bounds are re-ranked
-        by their exact fp32 distances, and the best of them, d, is the answer when no row outside
-        the shortlist has a bound (lowered by PRUNE_MARGIN against rounding) below d. Queries
+        every row's lower bound; PRUNE_SHORTLIST rows with small bounds (the 2 best of each of the
+        strided groups with the smallest minima, as in _block_candidates) are re-ranked by their
+        exact fp32 distances, and the best of them, d, is the answer when no row outside the
+        shortlist has a bound (lowered by PRUNE_MARGIN against rounding) below d. Queries
         where one has are searched again by the fp32 product. Same answers as fp32 (tested); on
         PatchCore's features the product shrinks ~16x and nearly every query is settled.
 """
