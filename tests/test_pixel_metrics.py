@@ -213,6 +213,9 @@ class MeanOfChannels:
     def calibrate(self, images, batch_size):
         pass
 
+    def as_input(self, x):
+        return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
     def anomaly_map(self, x):
         return x.mean(1, keepdim=True)
 
