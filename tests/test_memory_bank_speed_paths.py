@@ -130,8 +130,15 @@ class CountsRedo:
         monkeypatch.setattr(bank_search, "nearest_k", spy)
 
 
+@pytest.fixture
+def prune_any_width(monkeypatch):
+    """The pruned search on banks of any width (by default narrow ones use the fp32 product), so
+    the algorithm is tested on small, fast data."""
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_DIM", 0)
+
+
 @pytest.mark.parametrize("n_bank", [1000, 1003, 17])  # whole groups, a tail of n % GROUP rows, a bank of one shortlist
-def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monkeypatch):
+def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monkeypatch, prune_any_width):
     gen = torch.Generator().manual_seed(3)
     basis = torch.linalg.qr(torch.randn(96, 24, generator=gen))[0].T  # 24 orthonormal rows in 96 dims
     bank, queries = low_rank_like(n_bank, 96, 24, 1, basis), low_rank_like(700, 96, 24, 2, basis)
@@ -143,7 +150,7 @@ def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monke
     assert sum(redo.sizes) <= 0.05 * len(queries)  # the bound settles nearly every query by itself
 
 
-def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch):
+def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch, prune_any_width):
     # isotropic rows in 300 dims: no subspace holds their variance, the bound settles few queries
     gen = torch.Generator().manual_seed(4)
     bank, queries = torch.randn(800, 300, generator=gen), torch.randn(300, 300, generator=gen)
@@ -155,7 +162,7 @@ def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch):
     assert (got_i[:, 0].numpy() == d.argmin(1)).all()
 
 
-def test_pruned_bound_never_exceeds_the_distance():
+def test_pruned_bound_never_exceeds_the_distance(prune_any_width):
     gen = torch.Generator().manual_seed(5)
     basis = torch.linalg.qr(torch.randn(64, 10, generator=gen))[0].T
     bank, queries = low_rank_like(500, 64, 10, 1, basis), low_rank_like(200, 64, 10, 2, basis)
@@ -163,6 +170,25 @@ def test_pruned_bound_never_exceeds_the_distance():
     assert index.basis.shape == (64, min(bank_search.PRUNE_DIMS, 64))
     bound = torch.cdist(index.embed(queries).double(), index.embedded.double())
     assert (bound.numpy() <= brute_force(queries, bank) * (1 + 1e-5) + 1e-6).all()
+
+
+def test_narrow_banks_are_searched_by_the_fp32_product(monkeypatch):
+    # below PRUNE_MIN_DIM the bound's product costs about as much as the exact one: no embedding is
+    # built, the pruned index answers through the fp32 product, with its answers
+    gen = torch.Generator().manual_seed(6)
+    width = bank_search.PRUNE_MIN_DIM - 1
+    bank, queries = torch.randn(300, width, generator=gen) + 3.0, torch.randn(80, width, generator=gen) + 3.0
+    called = []
+    monkeypatch.setattr(bank_search, "_pruned_nearest", lambda *a: called.append(1))
+    index = BankIndex(bank, "pruned")
+    assert index.embedded is None and index.matches(bank, "pruned")  # still the index bank_index() asked for
+    got_d, got_i = nearest_k(queries, bank, 1, index)
+    assert not called
+    d = brute_force(queries, bank)
+    np.testing.assert_allclose(got_d[:, 0].numpy(), d.min(1), rtol=1e-5)
+    assert (got_i[:, 0].numpy() == d.argmin(1)).all()
+    wide = torch.randn(40, bank_search.PRUNE_MIN_DIM, generator=gen)
+    assert BankIndex(wide, "pruned").embedded.shape == (40, bank_search.PRUNE_DIMS + 1)
 
 
 def fitted(cls, x, **options):
@@ -316,7 +342,7 @@ def test_auto_precision_scores_images_as_fp32_does(cls, fast_bf16_cpu):
 
 
 @pytest.mark.parametrize("cls", [PatchCore, WedgeNet])
-def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monkeypatch):
+def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monkeypatch, prune_any_width):
     from sklearn.metrics import roc_auc_score
 
     monkeypatch.setattr(bank_search, "cpu_has_fast_bf16", lambda: False)
@@ -329,7 +355,7 @@ def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monke
     assert model.bank_index().search == "fp32"
     model.precision = "auto"
     maps, scores = model.score(test)
-    assert model.bank_index().search == "pruned"
+    assert model.bank_index().search == "pruned" and model.bank_index().embedded is not None
     assert abs(roc_auc_score(labels, scores.numpy()) - roc_auc_score(labels, scores32.numpy())) <= 1e-4
     torch.testing.assert_close(scores, scores32, rtol=1e-5, atol=0)
     torch.testing.assert_close(maps, maps32, rtol=0, atol=1e-5 * float(maps32.max() - maps32.min()))
