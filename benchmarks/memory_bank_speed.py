@@ -20,6 +20,11 @@ each path and the difference, the largest image-score difference relative to the
 and the largest map difference relative to the map range. A stage breakdown of one fast batch
 (backbone / feature pipeline / search / map and score) follows each model.
 
+Search widths (--search-widths 128 256 512 1024 --search-rows 1000 4000 8000 15680 --limit-train 200
+--limit-test 10): PatchCore's features of the training and test images, banks of each size drawn at
+random from the training patches (default: 10 %), projected at random to each width; the pruned exact search against the fp32 product on them, best of 3, with the
+queries it handed back to the product and whether both found the same rows.
+
 CPU mode (--cpu-defaults): `python -m freqexp model=patchcore` with every default (trainer
 batch 256, eval batch 1024, random WideResNet-50-2 at 224 px) on --cpu-train / --cpu-test images
 with 2 threads, once per --cpu-precisions value, each in its own process: its peak RSS, fit
@@ -356,6 +361,72 @@ def model_mode(args, extra):
         print(f"    ({time.perf_counter() - t0:.0f} s for {name})", flush=True)
 
 
+# ----------------------------------------------------------------------------- search widths
+def widths_mode(args, extra):
+    """The pruned search against the fp32 product on PatchCore's own features, randomly projected
+    to each --search-widths width (the full width as it is): where the bound pays."""
+    from freqexp.models import bank_search
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = compose(["model=patchcore", "dataset=fashion_mnist", f"dataset.normal_class={args.normal_class}",
+                   f"dataset.limit_train={args.limit_train}", f"dataset.limit_test={args.limit_test}", *extra])
+    model = make_plan(cfg).model.eval()
+    data = build_dataset(cfg.dataset)
+    with torch.no_grad():
+        for x in batches(data.train.images, 16, torch.device("cpu")):
+            model.observe(x)
+        train = torch.cat(model._observed)
+        model._observed = []
+        for x in batches(data.test.images, 16, torch.device("cpu")):
+            model.observe(x)
+        queries = torch.cat(model._observed)
+        model._observed = []
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=gen)
+    sizes = [min(n, len(train)) for n in (args.search_rows or [max(1, int(len(train) * 0.1))])]
+    print(f"search widths: banks of {', '.join(map(str, sizes))} rows drawn at random from {len(train)} training patches, "
+          f"{len(queries)} test patches, torch threads {torch.get_num_threads()}; best of 3")
+    print(f"{'rows':>6} {'width':>6} {'fp32 s':>8} {'pruned s':>9} {'pruned / fp32 speed':>20} {'redone':>7} {'same answers':>13}")
+    original = bank_search.nearest_k
+    for rows, width in [(n, w) for n in sizes for w in args.search_widths]:
+        bank_full = train[order[:rows]]
+        if width >= train.shape[1]:
+            bank, q = bank_full, queries
+        else:
+            projection = torch.randn(train.shape[1], width, generator=gen) / width**0.5
+            bank, q = (bank_full @ projection).contiguous(), (queries @ projection).contiguous()
+        seconds, answers, redone = {}, {}, []
+        for search in ("fp32", "pruned"):
+            index = bank_search.BankIndex(bank, search)
+            if search == "pruned" and index.embedded is None:  # narrower than PRUNE_MIN_DIM: measure the bound anyway
+                index._build_embedding(bank.float())
+
+            def spy(qq, *a, **k):
+                redone.append(qq.shape[0])
+                return original(qq, *a, **k)
+
+            best = float("inf")
+            for _ in range(3):
+                redone.clear()
+                bank_search.nearest_k = spy  # the pruned search hands its unsettled queries to nearest_k
+                try:
+                    t0 = time.perf_counter()
+                    answers[search] = original(q, bank, 1, index)
+                    best = min(best, time.perf_counter() - t0)
+                finally:
+                    bank_search.nearest_k = original
+            seconds[search] = best
+        # the same rows, or rows as near (background patches repeat: exact ties pick either copy)
+        (d32, i32), (dp, ip) = answers["fp32"], answers["pruned"]
+        tied = (torch.linalg.vector_norm(q - bank[ip[:, 0]], dim=1) - torch.linalg.vector_norm(q - bank[i32[:, 0]], dim=1)).abs()
+        same = bool((tied <= 1e-5 * d32[:, 0].clamp_min(1e-6)).all()) and torch.allclose(dp, d32, rtol=1e-5, atol=1e-6)
+        print(f"{rows:6d} {width:6d} {seconds['fp32']:8.4f} {seconds['pruned']:9.4f} {seconds['fp32'] / seconds['pruned']:19.2f}x "
+              f"{sum(redone):7d} {'yes' if same else 'no':>13}", flush=True)
+    print(f"model.precision=auto prunes banks of {bank_search.PRUNE_MIN_DIM}+ dims, {bank_search.PRUNE_MIN_ROWS}+ rows and {bank_search.PRUNE_MIN_WORK:,}+ rows x dims "
+          "(PRUNE_MIN_DIM, PRUNE_MIN_ROWS, PRUNE_MIN_WORK); others use the fp32 product")
+
+
 # ----------------------------------------------------------------------------- CPU defaults
 def cpu_mode(args, extra):
     threads = str(args.threads or 2)
@@ -411,6 +482,9 @@ def main():
     p.add_argument("--cpu-train", type=int, default=200)
     p.add_argument("--cpu-test", type=int, default=500)
     p.add_argument("--cpu-precisions", nargs="+", default=["auto"], help="model.precision per CPU run (e.g. auto fp32 bf16)")
+    p.add_argument("--search-rows", type=int, nargs="+", default=None, help="--search-widths: bank sizes (default: 10 %% of the training patches)")
+    p.add_argument("--search-widths", type=int, nargs="+", default=None,
+                   help="the pruned search against the fp32 product on PatchCore features projected to these widths (e.g. 128 192 256 512 1024)")
     args, extra = p.parse_known_args()
     for name in ("precisions", "cpu_precisions", "models"):  # config overrides written after a list option
         values = getattr(args, name)
@@ -418,7 +492,9 @@ def main():
         setattr(args, name, [v for v in values if "=" not in v])
     if args.quick:
         args.legacy_coreset = "patchcore"
-    if args.cpu_defaults:
+    if args.search_widths:
+        widths_mode(args, extra)
+    elif args.cpu_defaults:
         cpu_mode(args, extra)
     else:
         model_mode(args, extra)

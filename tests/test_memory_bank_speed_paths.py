@@ -131,14 +131,16 @@ class CountsRedo:
 
 
 @pytest.fixture
-def prune_any_width(monkeypatch):
-    """The pruned search on banks of any width (by default narrow ones use the fp32 product), so
-    the algorithm is tested on small, fast data."""
+def prune_any_bank(monkeypatch):
+    """The pruned search on banks of any size (by default narrow or short ones use the fp32
+    product), so the algorithm is tested on small, fast data."""
     monkeypatch.setattr(bank_search, "PRUNE_MIN_DIM", 0)
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_ROWS", 0)
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_WORK", 0)
 
 
 @pytest.mark.parametrize("n_bank", [1000, 1003, 17])  # whole groups, a tail of n % GROUP rows, a bank of one shortlist
-def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monkeypatch, prune_any_width):
+def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monkeypatch, prune_any_bank):
     gen = torch.Generator().manual_seed(3)
     basis = torch.linalg.qr(torch.randn(96, 24, generator=gen))[0].T  # 24 orthonormal rows in 96 dims
     bank, queries = low_rank_like(n_bank, 96, 24, 1, basis), low_rank_like(700, 96, 24, 2, basis)
@@ -150,7 +152,7 @@ def test_pruned_search_equals_brute_force_and_settles_most_queries(n_bank, monke
     assert sum(redo.sizes) <= 0.05 * len(queries)  # the bound settles nearly every query by itself
 
 
-def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch, prune_any_width):
+def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch, prune_any_bank):
     # isotropic rows in 300 dims: no subspace holds their variance, the bound settles few queries
     gen = torch.Generator().manual_seed(4)
     bank, queries = torch.randn(800, 300, generator=gen), torch.randn(300, 300, generator=gen)
@@ -162,7 +164,7 @@ def test_pruned_search_falls_back_where_the_bound_is_weak(monkeypatch, prune_any
     assert (got_i[:, 0].numpy() == d.argmin(1)).all()
 
 
-def test_pruned_bound_never_exceeds_the_distance(prune_any_width):
+def test_pruned_bound_never_exceeds_the_distance(prune_any_bank):
     gen = torch.Generator().manual_seed(5)
     basis = torch.linalg.qr(torch.randn(64, 10, generator=gen))[0].T
     bank, queries = low_rank_like(500, 64, 10, 1, basis), low_rank_like(200, 64, 10, 2, basis)
@@ -172,11 +174,15 @@ def test_pruned_bound_never_exceeds_the_distance(prune_any_width):
     assert (bound.numpy() <= brute_force(queries, bank) * (1 + 1e-5) + 1e-6).all()
 
 
-def test_narrow_banks_are_searched_by_the_fp32_product(monkeypatch):
-    # below PRUNE_MIN_DIM the bound's product costs about as much as the exact one: no embedding is
-    # built, the pruned index answers through the fp32 product, with its answers
+@pytest.mark.parametrize("short", ["dims", "rows", "work"])
+def test_narrow_or_short_banks_are_searched_by_the_fp32_product(short, monkeypatch):
+    # below PRUNE_MIN_DIM dims, PRUNE_MIN_ROWS rows or PRUNE_MIN_WORK rows x dims the bound costs
+    # more than it saves: no embedding is built, the pruned index answers through the fp32 product,
+    # with its answers (each limit is tested alone, the others lowered: a small bank, a fast test)
     gen = torch.Generator().manual_seed(6)
-    width = bank_search.PRUNE_MIN_DIM - 1
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_ROWS", 301 if short == "rows" else 0)
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_WORK", 300 * bank_search.PRUNE_MIN_DIM + 1 if short == "work" else 0)
+    width = bank_search.PRUNE_MIN_DIM - 1 if short == "dims" else bank_search.PRUNE_MIN_DIM
     bank, queries = torch.randn(300, width, generator=gen) + 3.0, torch.randn(80, width, generator=gen) + 3.0
     called = []
     monkeypatch.setattr(bank_search, "_pruned_nearest", lambda *a: called.append(1))
@@ -187,7 +193,9 @@ def test_narrow_banks_are_searched_by_the_fp32_product(monkeypatch):
     d = brute_force(queries, bank)
     np.testing.assert_allclose(got_d[:, 0].numpy(), d.min(1), rtol=1e-5)
     assert (got_i[:, 0].numpy() == d.argmin(1)).all()
-    wide = torch.randn(40, bank_search.PRUNE_MIN_DIM, generator=gen)
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_ROWS", 40)
+    monkeypatch.setattr(bank_search, "PRUNE_MIN_WORK", 40 * bank_search.PRUNE_MIN_DIM)
+    wide = torch.randn(40, bank_search.PRUNE_MIN_DIM, generator=gen)  # at every limit
     assert BankIndex(wide, "pruned").embedded.shape == (40, bank_search.PRUNE_DIMS + 1)
 
 
@@ -342,7 +350,7 @@ def test_auto_precision_scores_images_as_fp32_does(cls, fast_bf16_cpu):
 
 
 @pytest.mark.parametrize("cls", [PatchCore, WedgeNet])
-def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monkeypatch, prune_any_width):
+def test_auto_precision_on_a_plain_cpu_prunes_and_scores_as_fp32_does(cls, monkeypatch, prune_any_bank):
     from sklearn.metrics import roc_auc_score
 
     monkeypatch.setattr(bank_search, "cpu_has_fast_bf16", lambda: False)

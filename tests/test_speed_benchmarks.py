@@ -54,3 +54,14 @@ def test_channels_last_benchmark_reports_ratios_of_its_own_rows():
     assert float(ratio[2]) == pytest.approx(rows["NCHW"][1] / rows["NHWC"][1], rel=0.05)
     assert float(ratio[3]) < 1e-4  # the layout changes speed, not scores
     assert "hardware.channels_last=auto gives True" in out  # the CAE on a CPU
+
+
+def test_search_width_benchmark_finds_the_same_rows_and_reports_its_own_ratios():
+    out = bench("memory_bank_speed.py", "--search-widths", "64", "1024", "--search-rows", "40", "300", "--limit-train", "10",
+                "--limit-test", "10", "++model.input_size=64", "++model.center_crop=null", "--threads", "2")
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(\d+)\s+(yes|no)$", out, re.M)
+    assert [(int(n), int(w)) for n, w, *_ in rows] == [(40, 64), (40, 1024), (300, 64), (300, 1024)]
+    for _, _, fp32, pruned, ratio, _, same in rows:
+        assert same == "yes"  # the pruned search found rows as near as the fp32 product's
+        f, p, h = float(fp32), float(pruned), 5e-5  # the times as printed, to 4 decimals
+        assert (f - h) / (p + h) - 0.005 <= float(ratio) <= (f + h) / (p - h) + 0.005

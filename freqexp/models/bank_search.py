@@ -30,9 +30,12 @@ so the distances reported are always fp32 distances to bank rows:
         shortlist has a bound (lowered by PRUNE_MARGIN against rounding) below d. Queries
         where one has are searched again by the fp32 product. Same answers as fp32 (tested); on
         PatchCore's features the product shrinks ~16x and nearly every query is settled. Banks
-        narrower than PRUNE_MIN_DIM are searched by the fp32 product (there the bound's product,
-        shortlist and re-rank cost more than they save: 0.81x at 128 dims, 0.89x at 192, 1.6x
-        faster at 256 on random-projected PatchCore features, 2 CPU cores).
+        narrower than PRUNE_MIN_DIM, shorter than PRUNE_MIN_ROWS or with fewer than
+        PRUNE_MIN_WORK rows x dims are searched by the fp32 product: there the queries'
+        embedding, the shortlist and the re-rank cost more than the bound saves (on PatchCore
+        features, 2 CPU cores, `benchmarks/memory_bank_speed.py --search-widths`: 0.57-0.93x the
+        product's speed at 128 dims, 0.57-0.67x at 1,000 rows, 0.70x at 2,000 x 256; 1.14x at
+        4,000 x 256, 1.42-1.49x at 2,000 x 512 and 1,024, 4.5x at 15,680 x 1,024).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ PRUNE_DIMS = 128  # principal directions of the pruned search's lower-bound embe
 PRUNE_SHORTLIST = 16  # rows per query re-ranked exactly before the bound is checked
 PRUNE_MARGIN = 3e-5  # the bound is lowered by this share of the embedded squared norms (fp32 rounding)
 PRUNE_MIN_DIM = 2 * PRUNE_DIMS  # narrower banks: the pruned index searches by the fp32 product
+PRUNE_MIN_ROWS = 2000  # and so do shorter ones
+PRUNE_MIN_WORK = 1_000_000  # and banks of fewer rows x dims
 GROUP = 16  # rows per group of the k = 1 shortlist (see _block_candidates)
 ALIGN = 16  # augmented rows are padded to a multiple of this (tensor-core / AMX tile friendly)
 MIN_QUERY_ROWS = 256  # below this many queries per block, the bank is split instead
@@ -161,7 +166,7 @@ class BankIndex:
             b = bank.float()
             self.sq_norms = b.pow(2).sum(1)
             self.mean = self.augmented = self.basis = self.embedded = None
-            if search == "pruned" and self.dim >= PRUNE_MIN_DIM:
+            if search == "pruned" and self.dim >= PRUNE_MIN_DIM and self.rows >= PRUNE_MIN_ROWS and self.rows * self.dim >= PRUNE_MIN_WORK:
                 self._build_embedding(b)
             if search == "bf16":
                 self.mean = b.mean(0)
@@ -338,8 +343,10 @@ def _pruned_nearest(queries: torch.Tensor, bank: torch.Tensor, index: BankIndex)
     a chosen one. A query is settled when that bound exceeds the square of its shortlist's best
     exact distance d; the others go through the fp32 product."""
     n = bank.shape[0]
-    rows = max(1, min(queries.shape[0], index.budget // (n * 4 * 2)))
     main = n - n % GROUP
+    # per block: the bounds [rows, n] and the re-rank's differences [rows, shortlist + tail, D] within the budget
+    per_row = max(n * 4 * 2, (PRUNE_SHORTLIST + n - main) * index.dim * 4)
+    rows = max(1, min(queries.shape[0], index.budget // per_row))
     groups, take = main // GROUP, PRUNE_SHORTLIST // 2
     keep = 1.0 - PRUNE_MARGIN
     inf = float("inf")
