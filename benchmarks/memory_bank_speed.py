@@ -22,8 +22,9 @@ and the largest map difference relative to the map range. A stage breakdown of o
 
 Search widths (--search-widths 128 256 512 1024 --search-rows 1000 4000 8000 15680 --limit-train 200
 --limit-test 10): PatchCore's features of the training and test images, banks of each size drawn at
-random from the training patches (default: 10 %), projected at random to each width; the pruned exact search against the fp32 product on them, best of 3, with the
-queries it handed back to the product and whether both found the same rows.
+random from the training patches (default: 10 %), projected at random to each width; the pruned
+exact search against the fp32 product on them, best of 3, with the queries it handed back to the
+product and whether both found the same rows.
 
 CPU mode (--cpu-defaults): `python -m freqexp model=patchcore` with every default (trainer
 batch 256, eval batch 1024, random WideResNet-50-2 at 224 px) on --cpu-train / --cpu-test images
@@ -388,7 +389,12 @@ def widths_mode(args, extra):
     print(f"search widths: banks of {', '.join(map(str, sizes))} rows drawn at random from {len(train)} training patches, "
           f"{len(queries)} test patches, torch threads {torch.get_num_threads()}; best of 3")
     print(f"{'rows':>6} {'width':>6} {'fp32 s':>8} {'pruned s':>9} {'pruned / fp32 speed':>20} {'redone':>7} {'same answers':>13}")
-    original = bank_search.nearest_k
+    original, redone = bank_search.nearest_k, []
+
+    def spy(qq, *a, **k):  # the pruned search hands its unsettled queries back to nearest_k
+        redone.append(qq.shape[0])
+        return original(qq, *a, **k)
+
     for rows, width in [(n, w) for n in sizes for w in args.search_widths]:
         bank_full = train[order[:rows]]
         if width >= train.shape[1]:
@@ -396,20 +402,15 @@ def widths_mode(args, extra):
         else:
             projection = torch.randn(train.shape[1], width, generator=gen) / width**0.5
             bank, q = (bank_full @ projection).contiguous(), (queries @ projection).contiguous()
-        seconds, answers, redone = {}, {}, []
+        seconds, answers = {}, {}
         for search in ("fp32", "pruned"):
             index = bank_search.BankIndex(bank, search)
-            if search == "pruned" and index.embedded is None:  # narrower than PRUNE_MIN_DIM: measure the bound anyway
+            if search == "pruned" and index.embedded is None:  # below the PRUNE_MIN_* limits: measure the bound anyway
                 index._build_embedding(bank.float())
-
-            def spy(qq, *a, **k):
-                redone.append(qq.shape[0])
-                return original(qq, *a, **k)
-
             best = float("inf")
             for _ in range(3):
                 redone.clear()
-                bank_search.nearest_k = spy  # the pruned search hands its unsettled queries to nearest_k
+                bank_search.nearest_k = spy
                 try:
                     t0 = time.perf_counter()
                     answers[search] = original(q, bank, 1, index)

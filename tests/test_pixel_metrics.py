@@ -17,6 +17,7 @@ from sklearn import metrics as skm
 from freqexp import metrics, plots
 from freqexp.data import OneClassData, Split
 from freqexp.evaluate import evaluate
+from freqexp.training import to_unit_float
 
 # --------------------------------------------------------------------------- reference
 
@@ -214,7 +215,7 @@ class MeanOfChannels:
         pass
 
     def as_input(self, x):
-        return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        return to_unit_float(x)
 
     def anomaly_map(self, x):
         return x.mean(1, keepdim=True)
