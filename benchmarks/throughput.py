@@ -4,6 +4,7 @@ the same CAE, same loss, same optimizer, scheduler, precision, memory layout (ha
 
     .venv/bin/python benchmarks/throughput.py [--epochs 3] [--batch-size 256] [--limit 5400] [ARGS...]
     .venv/bin/python benchmarks/throughput.py --proxy      # the per-step overhead, on any machine
+    .venv/bin/python benchmarks/throughput.py --proxy --steps-per-call 8   # and with 8 steps per loop pass
 
 Extra ARGS are config overrides (e.g. model=cvae loss=mse hardware=gpu). Prints images/s and
 microseconds per step for each and the ratio freqexp / plain (goal >= 0.95). Epoch 1 of each is
@@ -15,6 +16,10 @@ nothing), the per-epoch logging, NaN guard and scheduler step are inside it.
 8x8 images, batch 32) that a step costs almost nothing, so the difference per step between the
 two paths is the training path's own per-step overhead (Python, hooks, logging, syncs), in
 microseconds. On a GPU that overhead is what a step waits for when the kernels are short.
+
+--steps-per-call K adds freqexp's path with trainer.steps_per_call=K (Lightning's loop runs once
+per K batches; the same batches and optimizer steps), timed the same way, beside the setting the
+config resolves to on this device (auto: 8 on a GPU, 1 on a CPU).
 """
 from __future__ import annotations
 
@@ -25,9 +30,9 @@ import time
 import torch
 
 import freqexp  # noqa: F401
-from freqexp.data import IndexBatches, build_dataset
+from freqexp.data import IndexBatches, StepGroups, build_dataset
 from freqexp.run import build_trainer, quiet_lightning
-from freqexp.training import ReconstructionModule, TrainTimer, to_unit_float
+from freqexp.training import ReconstructionModule, TrainTimer, steps_per_call, to_unit_float
 from freqexp.validate import make_plan
 
 
@@ -75,12 +80,17 @@ def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, floa
     return seen / seconds, seconds / steps
 
 
-def freqexp_path(plan, cfg, data, epochs: int) -> tuple[float, float]:
-    """(images/s, seconds per step) of freqexp's training path, epochs after the first."""
+def freqexp_path(plan, cfg, data, epochs: int, group="auto") -> tuple[float, float]:
+    """(images/s, seconds per step) of freqexp's training path, epochs after the first; `group` is
+    trainer.steps_per_call (auto: what a run on this device resolves it to)."""
     module = ReconstructionModule.from_plan(plan, cfg, max_epochs=epochs)
     warm = TrainTimer()
     trainer = build_trainer(cfg, plan, [warm])
     train = IndexBatches(data.train.images, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    k = steps_per_call(group, module, data.train.images.device, (data.train.images,))
+    steps = len(train) * (epochs - 1)
+    if k > 1:
+        train = StepGroups(train, k)
     val = IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size)
     per_epoch: list[float] = []
 
@@ -92,7 +102,6 @@ def freqexp_path(plan, cfg, data, epochs: int) -> tuple[float, float]:
 
     trainer.callbacks.append(EpochClock())
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
-    steps = len(train) * (epochs - 1)
     return len(data.train) * (epochs - 1) / sum(per_epoch[1:]), sum(per_epoch[1:]) / steps
 
 
@@ -147,6 +156,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--proxy", action="store_true", help="per-step overhead with a negligible model (see above)")
     ap.add_argument("--diagnose", action="store_true", help="CUDA: also count host-device syncs and the GPU's busy share of a step")
+    ap.add_argument("--steps-per-call", type=int, default=None, metavar="K",
+                    help="also time freqexp's path with trainer.steps_per_call=K (K batches per pass of Lightning's loop)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     quiet_lightning()
@@ -155,23 +166,31 @@ def main():
                  "trainer.progress_bar=false", *([f"dataset.limit_train={args.limit}"] if args.limit else []), *args.overrides]
     cfg = compose(overrides)
     data = build_dataset(cfg.dataset).to(make_plan(cfg).hardware.device)
-    runs = {"plain": [], "fused": [], "ours": []}
-    for _ in range(args.repeats):  # alternate, so drift in machine load hits all three
+    runs = {"plain": [], "fused": [], "ours": [], **({"group": []} if args.steps_per_call else {})}
+    for _ in range(args.repeats):  # alternate, so drift in machine load hits all paths
         runs["plain"].append(plain_loop(make_plan(cfg), cfg, data.train.images, args.epochs, fused=False))
         runs["fused"].append(plain_loop(make_plan(cfg), cfg, data.train.images, args.epochs, fused=True))
-        runs["ours"].append(freqexp_path(make_plan(cfg), cfg, data, args.epochs))
+        runs["ours"].append(freqexp_path(make_plan(cfg), cfg, data, args.epochs, cfg.trainer.steps_per_call))
+        if args.steps_per_call:
+            runs["group"].append(freqexp_path(make_plan(cfg), cfg, data, args.epochs, args.steps_per_call))
     ips = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     us = {k: statistics.median(r[1] for r in v) * 1e6 for k, v in runs.items()}
     hw = make_plan(cfg).hardware
     print(f"device {hw.device.type} ({hw.precision}, {'NHWC' if hw.channels_last else 'NCHW'} on both sides), model {cfg.model.name}, loss {cfg.loss.spec}, batch {batch_size}, "
           f"{len(data.train)} train images, {args.epochs - 1} timed epochs x {args.repeats}; timed: training batches "
           f"(freqexp's per-epoch validation runs outside the clock){' [proxy: negligible model]' if args.proxy else ''}")
-    labels = {"plain": "plain loop, torch's default AdamW", "fused": "plain loop, fused AdamW", "ours": "freqexp (Lightning)"}
-    for key, label in labels.items():
-        print(f"{label:34}: {ips[key]:10,.0f} img/s  {us[key]:8.0f} us/step   (runs: {', '.join(f'{v:,.0f}' for v, _ in runs[key])})")
-    print(f"per-step overhead of freqexp's path over the same loop (fused AdamW): {us['ours'] - us['fused']:+.0f} us")
-    print(f"ratio freqexp / plain loop with the same optimizer (fused AdamW): {ips['ours'] / ips['fused']:.3f}   (goal >= 0.95)")
-    print(f"ratio freqexp / plain loop with torch's default AdamW          : {ips['ours'] / ips['plain']:.3f}")
+    resolved = steps_per_call(cfg.trainer.steps_per_call, ReconstructionModule.from_plan(make_plan(cfg), cfg), hw.device,
+                              (data.train.images,))
+    labels = {"plain": "plain loop, torch's default AdamW", "fused": "plain loop, fused AdamW",
+              "ours": f"freqexp (Lightning), steps_per_call={cfg.trainer.steps_per_call} -> {resolved}",
+              "group": f"freqexp (Lightning), steps_per_call={args.steps_per_call}"}
+    for key in runs:
+        print(f"{labels[key]:48}: {ips[key]:10,.0f} img/s  {us[key]:8.0f} us/step   (runs: {', '.join(f'{v:,.0f}' for v, _ in runs[key])})")
+    for key in [k for k in ("ours", "group") if k in runs]:
+        print(f"{labels[key]}:")
+        print(f"  per-step overhead over the same loop (fused AdamW): {us[key] - us['fused']:+.0f} us")
+        print(f"  ratio freqexp / plain loop with the same optimizer (fused AdamW): {ips[key] / ips['fused']:.3f}   (goal >= 0.95)")
+        print(f"  ratio freqexp / plain loop with torch's default AdamW          : {ips[key] / ips['plain']:.3f}")
     if args.diagnose:
         diagnose(cfg, data, us)
 

@@ -212,7 +212,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
 
     import torch
 
-    from freqexp.data import IndexBatches, build_dataset
+    from freqexp.data import IndexBatches, StepGroups, build_dataset
     from freqexp.data.base import ZERO_SHOT, validation_protocol, with_all_normals
     from freqexp.data.pseudo import pseudo_generator_for, trains_on_augment, with_expanded_train, with_pseudo_val
     from freqexp.tracking import flatten
@@ -265,11 +265,11 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
 
             # 3. the dataset lives on the training device, or memory-mapped on the host when too large (dataset.cache)
             data = place(data, device, cfg.dataset.get("cache", "auto"), cache_dir_of(cfg.dataset))
-            from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module
+            from freqexp.training import BestWeights, EpochMetricsLogger, TrainTimer, build_module, steps_per_call
 
             module = build_module(plan, cfg)
             timer = TrainTimer()
-            callbacks: list = [EpochMetricsLogger(tracker.log_metrics), timer]
+            callbacks: list = [EpochMetricsLogger(tracker.log_epoch_metrics), timer]
             # a gradient-free fit is one pass: there is no earlier epoch to go back to
             best = BestWeights() if cfg.trainer.restore_best and plan.validated and not plan.model.gradient_free else None
             if best:
@@ -282,6 +282,10 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
             supervised = plan.zero_shot and not plan.model.gradient_free
             train_tensors = (data.train.images, data.train.labels, data.train.masks) if supervised else (data.train.images,)
             train_batches = IndexBatches(*train_tensors, batch_size=cfg.trainer.batch_size, shuffle=True, seed=cfg.seed, device=device)
+            group = steps_per_call(cfg.trainer.get("steps_per_call", "auto"), module, device, train_tensors)
+            tracker.log_params({"resolved.steps_per_call": group})
+            if group > 1:  # one pass of Lightning's loop trains on `group` batches, a step each
+                train_batches = StepGroups(train_batches, group)
             val_batches = (IndexBatches(data.val.images, data.val.labels, batch_size=cfg.trainer.eval_batch_size, device=device)
                            if len(data.val) else None)
             from freqexp.evaluate import reset_peak_memory
@@ -326,6 +330,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         if pruning.is_pruned(e):  # the search's pruner stopped it: not a failure, and not a result
             e.pruned_epoch = int(trainer.current_epoch) + 1
             try:
+                tracker.flush()  # the curve up to the pruned epoch
                 tracker.set_tags({"status": "pruned", "pruned": "true", "pruned_epoch": e.pruned_epoch})
             finally:
                 tracker.end("KILLED")
@@ -335,6 +340,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         try:
             err = output_dir / "error.txt"
             err.write_text(traceback.format_exc())
+            tracker.flush()  # the epochs it trained, before it failed
             tracker.set_tags({"status": status.lower(), "error": one_line(e), "error_type": type(e).__name__})
             tracker.log_artifacts([err])
         finally:

@@ -166,6 +166,7 @@ RUN_CONTROL = (
     "sweep",                                # resume, workers, heartbeat, objective, pruner: how jobs are scheduled
     "hardware", "choice.hardware",          # accelerator, precision, device_index (a sweep's GPU slot)
     "trainer.progress_bar",                 # what the terminal shows
+    "trainer.steps_per_call", "resolved.steps_per_call",  # batches per pass of Lightning's loop: the same steps
     "dataset.cache", "dataset.cache_dir",   # where decoded images are kept
     "resolved.accelerator", "resolved.precision", "resolved.cpu_threads", "resolved.channels_last",  # what the machine gave
     "data",                                 # what was read: data.root (where the files were found) and the
@@ -330,6 +331,9 @@ def first_sentence(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+EPOCH_FLUSH_SECONDS = 5.0  # per-epoch curves reach the store at most this long after their epoch
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
@@ -346,6 +350,8 @@ class Tracker:
                 raise ConfigError("tracking.uri", f"{self.uri}: the store cannot be opened ({first_sentence(e)})") from None
             self.experiment_id = self._experiment(experiment)
         self.run_id: Optional[str] = None
+        self._pending: list = []  # per-epoch metrics not yet written (log_epoch_metrics)
+        self._flushed_at = time.monotonic()
 
     def _artifact_root(self, experiment: str) -> Optional[str]:
         """Beside a local sqlite store, so outputs/ holds the whole record."""
@@ -400,12 +406,31 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        """Written now, with any per-epoch metrics still pending, in as few requests as MLflow allows."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items, self._pending = [*self._pending, *(Metric(k, float(v), now, step or 0) for k, v in metrics.items())], []
+        self._flushed_at = time.monotonic()
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_epoch_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """A training curve's points (train/*, val_epoch/*): kept and written together at most every
+        EPOCH_FLUSH_SECONDS, and by the next log_metrics or flush (a run's end, its failure), so a
+        short epoch does not wait for a store write (about 5 ms each on a local sqlite store, a
+        round trip to a server) and a long one still shows in the UI within seconds."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if time.monotonic() - self._flushed_at >= EPOCH_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the per-epoch metrics still pending."""
+        if self._pending:
+            self.log_metrics({})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

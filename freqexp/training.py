@@ -16,7 +16,7 @@ from torch import nn
 from freqexp.augment.base import NoAugment
 from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
-from freqexp.data.base import IndexBatches
+from freqexp.data.base import IndexBatches, StepGroup, StepGroups
 from freqexp.progress import Progress
 
 NAN_CHECK_EVERY = 50  # training steps between two NaN-guard checks (each one host-device sync); also at every epoch end
@@ -93,7 +93,7 @@ class ReconstructionModule(L.LightningModule):
 
     def on_train_start(self):
         loader = self.trainer.train_dataloader
-        if not isinstance(loader, IndexBatches):
+        if not isinstance(loader, (IndexBatches, StepGroups)):
             return
         # the training inputs in a fixed order (the loader's own shuffle stream is left untouched),
         # produced lazily: a model without a prepare() of its own never draws a batch
@@ -113,6 +113,8 @@ class ReconstructionModule(L.LightningModule):
 
     # -- data arrives as uint8 on the device; convert there, batched
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, StepGroup):  # converted one batch at a time, in training_step
+            return batch
         if isinstance(batch, (tuple, list)):
             return (self.as_input(batch[0]), *batch[1:])
         return self.as_input(batch)
@@ -135,7 +137,18 @@ class ReconstructionModule(L.LightningModule):
             pred = self.filter(pred)
         return self.loss(pred, target)
 
-    def training_step(self, x: torch.Tensor, batch_idx: int):
+    def training_step(self, x: torch.Tensor | StepGroup, batch_idx: int):
+        if isinstance(x, StepGroup):  # trainer.steps_per_call > 1: one optimizer step per batch of the group
+            if self.automatic_optimization:
+                raise TypeError("a StepGroup needs the shared training step with manual optimization")
+            for batch in x:
+                self.train_one(self.as_input(batch))
+            return None
+        return self.train_one(x)
+
+    def train_one(self, x: torch.Tensor):
+        """One training step on a batch as the model takes it (as_input): the loss, added to the
+        epoch's sums, and (optimizing by hand) the backward pass and the optimizer's step."""
         x_in, target = self.model_io(x, train=True)
         total, parts = self.model.training_loss(x_in, target, self.compare)
         self.check_and_log(total, parts, x.shape[0])
@@ -385,6 +398,23 @@ def module_class(model: "ReconstructionModel") -> type[ReconstructionModule]:
 def build_module(plan, cfg, max_epochs: Optional[int] = None) -> ReconstructionModule:
     """The LightningModule that trains plan.model, by the model's own choice of procedure."""
     return module_class(plan.model).from_plan(plan, cfg, max_epochs=max_epochs)
+
+
+STEPS_PER_CALL_GPU = 8  # trainer.steps_per_call=auto on a GPU (benchmarks/throughput.py --proxy --steps-per-call)
+
+
+def steps_per_call(setting, module: ReconstructionModule, device: torch.device, train_tensors: tuple) -> int:
+    """trainer.steps_per_call resolved: how many batches one call of the training step trains on
+    (freqexp.data.base.StepGroups). Only the shared step (manual optimization, one image tensor per
+    batch) takes groups; any other procedure, and a supervised loader, get 1. auto: 8 on a GPU with
+    the training images on it (a short GPU step waits for the host's Python, and there a group
+    costs no copies), else 1: on a CPU a step's arithmetic dwarfs the loop's ~0.4 ms."""
+    shared = type(module).training_step is ReconstructionModule.training_step and not module.automatic_optimization
+    if not shared or len(train_tensors) != 1:
+        return 1
+    if setting == "auto":
+        return STEPS_PER_CALL_GPU if device.type == "cuda" and train_tensors[0].device == device else 1
+    return int(setting)
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")

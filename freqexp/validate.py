@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from freqexp.augment import build_augment
-from freqexp.checks import boolean, choice, integer, number
+from freqexp.checks import boolean, choice, integer, is_int, number
 from freqexp.data import DATASETS, dataset_shape
 from freqexp.errors import ConfigError
 from freqexp.freq import build_filter
@@ -114,6 +114,9 @@ def make_plan(cfg) -> Plan:
     integer("trainer.batch_size", t.batch_size, 1)
     integer("trainer.eval_batch_size", t.eval_batch_size, 1)
     integer("trainer.val_every_n_epochs", t.val_every_n_epochs, 1)
+    steps = t.get("steps_per_call", "auto")
+    if steps != "auto" and (not is_int(steps) or steps < 1):
+        raise ConfigError("trainer.steps_per_call", f"must be auto or an integer >= 1; got {steps!r}")
     for key in ("progress_bar", "restore_best", "nan_guard"):
         boolean(f"trainer.{key}", t[key])
     boolean("trainer.early_stopping.enabled", t.early_stopping.enabled)

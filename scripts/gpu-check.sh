@@ -93,10 +93,12 @@ else
   T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--quick); L=(--images 10000 --steps 40)
   S=(--packings 1 4 8 --classes ${GPU_CHECK_CLASSES:-0,1,2,3} --epochs ${GPU_CHECK_EPOCHS:-10}); F=(); P=()
 fi
-step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 100 14 \
-  "$PY" "$B/throughput.py" "${T[@]}" $([ "${GPU_CHECK_DIAGNOSE:-1}" = 1 ] && echo --diagnose) "$HW"
-step "1b. Training step, batch 1024" 80 7 \
-  "$PY" "$B/throughput.py" "${T2[@]}" "$HW"
+# freqexp's path twice: as a run resolves trainer.steps_per_call (auto: 8 batches per pass of Lightning's loop
+# on a GPU) and batch by batch (--steps-per-call 1, the path before groups)
+step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 115 19 \
+  "$PY" "$B/throughput.py" "${T[@]}" --steps-per-call 1 $([ "${GPU_CHECK_DIAGNOSE:-1}" = 1 ] && echo --diagnose) "$HW"
+step "1b. Training step, batch 1024" 90 12 \
+  "$PY" "$B/throughput.py" "${T2[@]}" --steps-per-call 1 "$HW"
 step "1c. Memory layout: NCHW vs NHWC (hardware.channels_last; auto keeps NCHW on a GPU until this is measured)" 40 4 \
   "$PY" "$B/channels_last.py" "${L[@]}" "$HW"
 step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 120 20 \

@@ -140,6 +140,9 @@ def test_cpu_rejects_fp16_mixed():
         ("trainer.restore_best=no", "trainer.restore_best"),
         ("trainer.early_stopping.enabled=maybe", "trainer.early_stopping.enabled"),
         ("trainer.val_every_n_epochs=3", "trainer.val_every_n_epochs"),  # does not divide max_epochs=20
+        ("trainer.steps_per_call=0", "trainer.steps_per_call"),
+        ("trainer.steps_per_call=many", "trainer.steps_per_call"),
+        ("trainer.steps_per_call=8", None),
         ("loss.params.ssim.sigma=abc", "loss.params.ssim.sigma"),
         ("tracking.experiment=''", "tracking.experiment"),
         ("sweep.objective=test/auroc", "sweep.objective"),

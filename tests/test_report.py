@@ -149,7 +149,8 @@ def test_run_control_keys_never_split_a_configuration(tmp_path, capsys):
     # the keys the issue names are run control (a typo in RUN_CONTROL would make this test vacuous)
     named = ["sweep.resume", "sweep.workers", "tracking.uri", "tracking.experiment", "tracking.figures", "tracking.figures_best",
              "trainer.progress_bar", "hardware.device_index", "hardware.precision", "hardware.accelerator", "choice.hardware",
-             "resolved.cpu_threads", "resolved.accelerator", "resolved.precision", "data.root", "dataset.cache_dir"]
+             "resolved.cpu_threads", "resolved.accelerator", "resolved.precision", "data.root", "dataset.cache_dir",
+             "trainer.steps_per_call", "resolved.steps_per_call"]
     assert all(is_run_control(k) for k in named)
     assert not any(is_run_control(k) for k in ("seed", "model.name", "trainer.max_epochs", "dataset.root", "datasets.x", "trackings"))
 

@@ -19,17 +19,20 @@ def bench(script, *args, timeout=300):
 
 
 def test_throughput_proxy_reports_consistent_rates_and_ratios():
-    out = bench("throughput.py", "--proxy", "--epochs", "2", "--repeats", "1")
+    out = bench("throughput.py", "--proxy", "--epochs", "2", "--repeats", "1", "--steps-per-call", "4")
     rows = {m[1].strip(): (float(m[2].replace(",", "")), float(m[3])) for m in
-            re.finditer(r"^(.{34}):\s+([\d,]+) img/s\s+(\d+) us/step", out, re.M)}
-    assert set(rows) == {"plain loop, torch's default AdamW", "plain loop, fused AdamW", "freqexp (Lightning)"}
-    for ips, us in rows.values():  # 4096 images in 128 steps of 32: img/s x s/step = 32 images
+            re.finditer(r"^(.{48}):\s+([\d,]+) img/s\s+(\d+) us/step", out, re.M)}
+    ours, grouped = "freqexp (Lightning), steps_per_call=auto -> 1", "freqexp (Lightning), steps_per_call=4"
+    assert set(rows) == {"plain loop, torch's default AdamW", "plain loop, fused AdamW", ours, grouped}
+    for ips, us in rows.values():  # 4096 images in 128 steps of 32 (grouped too): img/s x s/step = 32 images
         assert ips * us / 1e6 == pytest.approx(32, rel=0.01)
-    ours, fused, plain = rows["freqexp (Lightning)"][0], rows["plain loop, fused AdamW"][0], rows["plain loop, torch's default AdamW"][0]
-    assert float(re.search(r"same optimizer \(fused AdamW\): ([\d.]+)", out)[1]) == pytest.approx(ours / fused, abs=2e-3)
-    assert float(re.search(r"default AdamW\s+: ([\d.]+)", out)[1]) == pytest.approx(ours / plain, abs=2e-3)
-    overhead = float(re.search(r"same loop \(fused AdamW\): ([+-]\d+) us", out)[1])
-    assert overhead == pytest.approx(rows["freqexp (Lightning)"][1] - rows["plain loop, fused AdamW"][1], abs=1.5)
+    fused, plain = rows["plain loop, fused AdamW"], rows["plain loop, torch's default AdamW"]
+    for path in (ours, grouped):  # each path's own block of ratios, from its own row
+        block = out[out.index(f"{path}:\n"):]
+        assert float(re.search(r"same optimizer \(fused AdamW\): ([\d.]+)", block)[1]) == pytest.approx(rows[path][0] / fused[0], abs=2e-3)
+        assert float(re.search(r"default AdamW\s+: ([\d.]+)", block)[1]) == pytest.approx(rows[path][0] / plain[0], abs=2e-3)
+        overhead = float(re.search(r"same loop \(fused AdamW\): ([+-]\d+) us", block)[1])
+        assert overhead == pytest.approx(rows[path][1] - fused[1], abs=1.5)
 
 
 def test_run_breakdown_accounts_for_the_whole_wall_time():

@@ -102,3 +102,54 @@ def test_job_directories_leave_out_only_run_control_keys():
     skipped = list(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert skipped and all(is_run_control(k) for k in skipped), [k for k in skipped if not is_run_control(k)]
     assert not any(is_run_control(k) for k in ("model", "loss", "dataset.normal_class", "trainer.max_epochs", "seed"))
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_epoch_curves_are_written_together_and_nothing_pending_is_lost(tmp_path, monkeypatch):
+    import freqexp.tracking as tracking
+
+    uri = f"sqlite:///{tmp_path / 'e.db'}"
+    client = MlflowClient(uri)
+    tracker = Tracker(uri, "curves")
+    run_id = tracker.start("run", {})
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 3600.0)
+    for epoch in (1, 2, 3):
+        tracker.log_epoch_metrics({"train/loss": 1.0 / epoch, "val_epoch/auroc": 0.5 + epoch / 10}, epoch)
+    assert _history(client, run_id, "train/loss") == []  # kept: no store write per epoch
+    tracker.log_metrics({"test/auroc": 0.9}, step=3)  # the run's final metrics carry what was pending
+    assert _history(client, run_id, "train/loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert _history(client, run_id, "val_epoch/auroc") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert _history(client, run_id, "test/auroc") == [(3, 0.9)]
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 0.0)  # an epoch longer than the interval is written at once
+    tracker.log_epoch_metrics({"train/loss": 0.2}, 4)
+    assert _history(client, run_id, "train/loss")[-1] == (4, pytest.approx(0.2))
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 3600.0)
+    tracker.log_epoch_metrics({"train/loss": 0.1}, 5)
+    tracker.flush()
+    assert _history(client, run_id, "train/loss")[-1] == (5, pytest.approx(0.1))
+    tracker.end("FINISHED")
+
+
+def test_a_run_that_fails_after_training_keeps_every_epoch_of_its_curves(tmp_path, monkeypatch):
+    import freqexp.evaluate
+    import freqexp.tracking as tracking
+    from tests.conftest import read_runs
+    from tests.test_run import run_synthetic
+
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 3600.0)  # nothing written before the failure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(freqexp.evaluate, "evaluate", broken)
+    store = f"sqlite:///{tmp_path / 'f.db'}"
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_synthetic(tmp_path, store, "trainer.max_epochs=3")
+    runs = read_runs(store)
+    assert list(runs["status"]) == ["FAILED"]
+    client = MlflowClient(store)
+    for key in ("train/loss", "val_epoch/auroc"):
+        assert [step for step, _ in _history(client, runs["run_id"].iloc[0], key)] == [1, 2, 3], key

@@ -79,23 +79,27 @@ def test_the_optimizer_is_fused_and_steps_as_torchs_reference_implementation(nam
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_training_steps_never_wait_for_the_device():
+@pytest.mark.parametrize("steps", [1, 4])  # 4: trainer.steps_per_call, a group of batches per pass of the loop
+def test_cuda_training_steps_never_wait_for_the_device(steps):
     """16-mixed on CUDA: the fused optimizer takes the gradient scaler's inf check on the device and
     the NaN guard reads nothing back between checks, so no step synchronises with the host."""
     import lightning.pytorch as L
 
-    from freqexp.data import IndexBatches, build_dataset
+    from freqexp.data import IndexBatches, StepGroups, build_dataset
 
     m, cfg = module(["hardware=gpu", "trainer.batch_size=16", "dataset.n_train=256"])
     data = build_dataset(cfg.dataset).to("cuda")
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     batches = IndexBatches(data.train.images, batch_size=16, shuffle=True, device="cuda")
+    if steps > 1:
+        batches = StepGroups(batches, steps)
     seen = []
 
     class Watch(L.Callback):  # steps 2 .. k-1: after set-up, before the guard's own check
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            torch.cuda.set_sync_debug_mode("error" if 1 <= batch_idx < min(NAN_CHECK_EVERY, len(batches)) - 2 else "default")
+            last = min(NAN_CHECK_EVERY // steps, len(batches)) - 2
+            torch.cuda.set_sync_debug_mode("error" if 1 <= batch_idx < last else "default")
             seen.append(batch_idx)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -128,6 +128,54 @@ class IndexBatches:
             yield batch[0] if len(batch) == 1 else batch
 
 
+class StepGroup:
+    """Consecutive training batches that one call of the shared training step trains on, one
+    optimizer step each (see StepGroups). A plain object, not a collection, so Lightning's loop
+    passes it through untouched: each batch is already on the training device."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StepGroups:
+    """A training loader's batches in groups of `steps` (trainer.steps_per_call): Lightning's loop
+    (fetching, hooks, progress, the strategy and precision wrappers) then runs once a group, not
+    once a batch, and the module's step trains on each batch of the group in turn. The batches,
+    their order and the optimizer steps are the loader's own, so the training is the same; only
+    the loop's host time per step shrinks. The last group may be shorter."""
+
+    def __init__(self, loader: IndexBatches, steps: int):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}")
+        self.loader, self.steps = loader, int(steps)
+        self.tensors, self.batch_size = loader.tensors, loader.batch_size
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.loader)
+
+    def __len__(self) -> int:
+        return (len(self.loader) + self.steps - 1) // self.steps
+
+    def __iter__(self) -> Iterator[StepGroup]:
+        group: list = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.steps:
+                yield StepGroup(group)
+                group = []
+        if group:
+            yield StepGroup(group)
+
+
 def one_class_split(
     labels_train: torch.Tensor,
     is_normal_train: torch.Tensor,
