@@ -68,3 +68,20 @@ def test_search_width_benchmark_finds_the_same_rows_and_reports_its_own_ratios()
         assert same == "yes"  # the pruned search found rows as near as the fp32 product's
         f, p, h = float(fp32), float(pruned), 5e-5  # the times as printed, to 4 decimals
         assert (f - h) / (p + h) - 0.005 <= float(ratio) <= (f + h) / (p - h) + 0.005
+
+
+def test_epoch_logging_benchmark_stores_every_point_and_reports_its_own_difference(tmp_path):
+    out = bench("epoch_logging.py", "--epochs", "4", "--repeats", "1", "--uri", f"sqlite:///{tmp_path / 'e.db'}")
+    rows = {m[1].strip(): float(m[2]) for m in re.finditer(r"^(.{30}):\s+([\d.]+) ms/epoch", out, re.M)}
+    assert set(rows) == {"written each epoch (2 writes)", "buffered (log_epoch_metrics)"}
+    saved = re.search(r"saved per epoch: ([\d.-]+) ms; per run of 4 epochs: ([\d.-]+) s", out)
+    assert float(saved[1]) == pytest.approx(rows["written each epoch (2 writes)"] - rows["buffered (log_epoch_metrics)"], abs=0.011)
+    assert float(saved[2]) == pytest.approx(float(saved[1]) * 4 / 1000, abs=1e-3)
+    from mlflow.tracking import MlflowClient  # both runs hold every epoch's points (the script asserts it too)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'e.db'}")
+    exp = client.get_experiment_by_name("epoch-logging")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["buffered", "each-epoch"]
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_epoch/auroc")] == [1, 2, 3, 4]
