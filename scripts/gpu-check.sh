@@ -97,7 +97,7 @@ fi
 # on a GPU) and batch by batch (--steps-per-call 1, the path before groups)
 step "1a. Training step: freqexp vs a plain PyTorch loop, batch 256 (with syncs and GPU busy share)" 115 19 \
   "$PY" "$B/throughput.py" "${T[@]}" --steps-per-call 1 $([ "${GPU_CHECK_DIAGNOSE:-1}" = 1 ] && echo --diagnose) "$HW"
-step "1b. Training step, batch 1024" 90 12 \
+step "1b. Training step, batch 1024" 90 13 \
   "$PY" "$B/throughput.py" "${T2[@]}" --steps-per-call 1 "$HW"
 step "1c. Memory layout: NCHW vs NHWC (hardware.channels_last; auto keeps NCHW on a GPU until this is measured)" 40 4 \
   "$PY" "$B/channels_last.py" "${L[@]}" "$HW"
