@@ -5,7 +5,10 @@
 Runs `python -X importtime` on what `python -m freqexp` imports before its first epoch (the entry
 point, freqexp.run with Lightning, MLflow's client and sqlite store) and prints the seconds of each
 top-level package (its modules' own import time, summed), the wall time of the whole import in
-that process, and with --cuda the time torch takes to start CUDA (torch.cuda.init) after it.
+that process, and with --cuda the time torch takes to start CUDA (torch.cuda.init) after it; and
+how many of the modules had no usable compiled .pyc and were compiled from source in that
+process (wheels installed with --no-compile, or PYTHONDONTWRITEBYTECODE set: a cost an installed
+freqexp pays once, not on every run).
 """
 from __future__ import annotations
 
@@ -16,9 +19,22 @@ import sys
 import time
 from collections import Counter
 
-CODE = ("import time; t0 = time.perf_counter(); import freqexp.__main__, freqexp.run, freqexp.training, "
-        "mlflow.tracking, mlflow.store.tracking.sqlalchemy_store; t1 = time.perf_counter(); {cuda}"
-        "print(f'WALL {{t1 - t0:.3f}} {{t2 - t1:.3f}}')")
+CODE = """
+import time
+start, t0 = time.time(), time.perf_counter()
+import freqexp.__main__, freqexp.run, freqexp.training, mlflow.tracking, mlflow.store.tracking.sqlalchemy_store
+t1 = time.perf_counter()
+{cuda}
+print(f'WALL {{t1 - t0:.3f}} {{t2 - t1:.3f}}')
+import collections, os, sys
+fresh = collections.Counter()  # modules compiled from source in this process: no .pyc, or one written just now
+for name, m in list(sys.modules.items()):
+    cached, source = getattr(m, '__cached__', None), getattr(m, '__file__', None)
+    if isinstance(cached, str) and isinstance(source, str) and source.endswith('.py'):
+        if not os.path.exists(cached) or os.path.getmtime(cached) >= start - 1:
+            fresh[name.split('.')[0]] += 1
+print('FRESH', sum(fresh.values()), ' '.join(f'{{k}}={{v}}' for k, v in fresh.most_common(8)))
+"""
 
 
 def main() -> None:
@@ -26,7 +42,7 @@ def main() -> None:
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args()
-    cuda = "import torch; torch.cuda.init(); t2 = time.perf_counter(); " if args.cuda else "t2 = t1; "
+    cuda = "import torch; torch.cuda.init(); t2 = time.perf_counter()" if args.cuda else "t2 = t1"
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-X", "importtime", "-c", CODE.format(cuda=cuda)], capture_output=True, text=True)
     process = time.perf_counter() - t0
@@ -40,6 +56,14 @@ def main() -> None:
     imports, cuda_s = (float(v) for v in re.search(r"WALL ([\d.]+) ([\d.]+)", r.stdout).groups())
     print(f"imports of a run: {imports:.2f} s wall (under -X importtime, which adds a little); "
           f"{'torch.cuda.init ' + format(cuda_s, '.2f') + ' s; ' if args.cuda else ''}process {process:.2f} s in all")
+    fresh = re.search(r"FRESH (\d+) ?(.*)", r.stdout)
+    if fresh and int(fresh[1]):
+        # no usable .pyc: installed with --no-compile, or PYTHONDONTWRITEBYTECODE set; a user's
+        # second run reads the bytecode its first one wrote, so these seconds are paid once, not per run
+        print(f"modules compiled from source in this process (no usable .pyc): {fresh[1]} ({fresh[2]}); "
+              "their import time includes compiling them")
+    else:
+        print("every module was loaded from its compiled .pyc")
     print("seconds by top-level package (own import time of its modules):")
     total = sum(per_package.values())
     for name, s in per_package.most_common(args.top):

@@ -18,6 +18,10 @@ FIG="$OUT_DIR/gpu-figures.md"
 LOG="$OUT_DIR/gpu-check.log"
 : >"$LOG"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+# as on a user's machine, a module's first import writes the .pyc that later imports read (a machine
+# image may set PYTHONDONTWRITEBYTECODE; every process would then compile mlflow, hydra and freqexp
+# from source: about 3x the import time here, benchmarks/import_time.py)
+unset PYTHONDONTWRITEBYTECODE
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-560}))
 
 if [ -z "${PY:-}" ]; then
@@ -56,6 +60,12 @@ if [ "${GPU_CHECK_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 i
 fi
 HW=hardware=gpu
 [ "${GPU_CHECK_CPU:-0}" = 1 ] && HW=hardware=cpu  # a rehearsal of every step on a machine without a GPU
+# not timed: a run's imports once, which compiles (and caches) what the wheels brought without .pyc
+# (installed --no-compile above), so that each step below imports as a user's second run does
+t0=$SECONDS
+"$PY" -c "import freqexp.__main__, freqexp.run, freqexp.training, freqexp.evaluate, freqexp.figures, mlflow.tracking, \
+mlflow.store.tracking.sqlalchemy_store" >>"$LOG" 2>&1
+echo "- warm-up import (compiles and caches what has no .pyc yet; not part of any figure): $((SECONDS - t0)) s" >>"$FIG"
 
 failed=0
 # step NAME SECONDS LINES-KEPT COMMAND...: runs COMMAND with a time limit (cut to what is left of the
