@@ -64,10 +64,10 @@ def _state(result):
     return torch.load(result.output_dir / "model.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("model", ["cae", "cvae"])  # cvae: a KL term and a random draw each step, in order
+@pytest.mark.parametrize("model", ["cae", "cvae", "memae_fft"])  # cvae: a random draw each step; memae_fft: memory set up from the loader (prepare)
 def test_training_in_groups_is_the_same_training_as_batch_by_batch(tmp_path, store, model):
     # 256 images in batches of 24: 11 batches an epoch, groups of 3, 3, 3 and 2
-    common = [f"model={model}", "trainer.max_epochs=2", "trainer.batch_size=24", "seed=7"]
+    common = [f"model={model}", "trainer.max_epochs=2", "trainer.batch_size=24", "seed=7", "tracking.figures=none"]
     one = run_synthetic(tmp_path, store, *common, "trainer.steps_per_call=1", name="one")
     grouped = run_synthetic(tmp_path, store, *common, "trainer.steps_per_call=3", name="grouped")
     a, b = _state(one), _state(grouped)
