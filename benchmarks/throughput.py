@@ -80,9 +80,9 @@ def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, floa
     return seen / seconds, seconds / steps
 
 
-def freqexp_path(plan, cfg, data, epochs: int, group="auto") -> tuple[float, float]:
-    """(images/s, seconds per step) of freqexp's training path, epochs after the first; `group` is
-    trainer.steps_per_call (auto: what a run on this device resolves it to)."""
+def freqexp_path(plan, cfg, data, epochs: int, group="auto") -> tuple[float, float, int]:
+    """(images/s, seconds per step, batches per pass of the loop) of freqexp's training path, epochs
+    after the first; `group` is trainer.steps_per_call (auto: what a run on this device resolves it to)."""
     module = ReconstructionModule.from_plan(plan, cfg, max_epochs=epochs)
     warm = TrainTimer()
     trainer = build_trainer(cfg, plan, [warm])
@@ -102,7 +102,7 @@ def freqexp_path(plan, cfg, data, epochs: int, group="auto") -> tuple[float, flo
 
     trainer.callbacks.append(EpochClock())
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
-    return len(data.train) * (epochs - 1) / sum(per_epoch[1:]), sum(per_epoch[1:]) / steps
+    return len(data.train) * (epochs - 1) / sum(per_epoch[1:]), sum(per_epoch[1:]) / steps, k
 
 
 def sync(device):
@@ -179,13 +179,12 @@ def main():
     print(f"device {hw.device.type} ({hw.precision}, {'NHWC' if hw.channels_last else 'NCHW'} on both sides), model {cfg.model.name}, loss {cfg.loss.spec}, batch {batch_size}, "
           f"{len(data.train)} train images, {args.epochs - 1} timed epochs x {args.repeats}; timed: training batches "
           f"(freqexp's per-epoch validation runs outside the clock){' [proxy: negligible model]' if args.proxy else ''}")
-    resolved = steps_per_call(cfg.trainer.steps_per_call, ReconstructionModule.from_plan(make_plan(cfg), cfg), hw.device,
-                              (data.train.images,))
+    resolved = runs["ours"][0][2]
     labels = {"plain": "plain loop, torch's default AdamW", "fused": "plain loop, fused AdamW",
               "ours": f"freqexp (Lightning), steps_per_call={cfg.trainer.steps_per_call} -> {resolved}",
               "group": f"freqexp (Lightning), steps_per_call={args.steps_per_call}"}
     for key in runs:
-        print(f"{labels[key]:48}: {ips[key]:10,.0f} img/s  {us[key]:8.0f} us/step   (runs: {', '.join(f'{v:,.0f}' for v, _ in runs[key])})")
+        print(f"{labels[key]:48}: {ips[key]:10,.0f} img/s  {us[key]:8.0f} us/step   (runs: {', '.join(f'{v:,.0f}' for v, *_ in runs[key])})")
     for key in [k for k in ("ours", "group") if k in runs]:
         print(f"{labels[key]}:")
         print(f"  per-step overhead over the same loop (fused AdamW): {us[key] - us['fused']:+.0f} us")

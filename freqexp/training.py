@@ -93,7 +93,9 @@ class ReconstructionModule(L.LightningModule):
 
     def on_train_start(self):
         loader = self.trainer.train_dataloader
-        if not isinstance(loader, (IndexBatches, StepGroups)):
+        if isinstance(loader, StepGroups):
+            loader = loader.loader
+        if not isinstance(loader, IndexBatches):
             return
         # the training inputs in a fixed order (the loader's own shuffle stream is left untouched),
         # produced lazily: a model without a prepare() of its own never draws a batch

@@ -20,7 +20,7 @@ def test_groups_hold_the_loaders_batches_in_their_order_every_epoch():
     ids = torch.arange(300)
     plain = IndexBatches(ids, batch_size=32, shuffle=True, seed=5)
     grouped = StepGroups(IndexBatches(ids, batch_size=32, shuffle=True, seed=5), 3)
-    assert len(grouped) == 4 and grouped.num_batches == len(plain) == 10
+    assert len(grouped) == 4 and len(grouped.loader) == len(plain) == 10
     epochs = []
     for _ in range(2):
         expected = [b.tolist() for b in plain]

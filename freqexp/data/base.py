@@ -156,11 +156,6 @@ class StepGroups:
         if steps < 1:
             raise ValueError(f"steps must be >= 1; got {steps}")
         self.loader, self.steps = loader, int(steps)
-        self.tensors, self.batch_size = loader.tensors, loader.batch_size
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.loader)
 
     def __len__(self) -> int:
         return (len(self.loader) + self.steps - 1) // self.steps
