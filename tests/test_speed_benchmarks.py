@@ -85,3 +85,16 @@ def test_epoch_logging_benchmark_stores_every_point_and_reports_its_own_differen
     assert sorted(r.info.run_name for r in runs) == ["buffered", "each-epoch"]
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_epoch/auroc")] == [1, 2, 3, 4]
+
+
+def test_score_chunks_benchmark_scores_the_same_both_ways_and_reports_its_own_ratio():
+    out = bench("score_chunks.py", "--models", "cae,ae", "--images", "300", "--repeats", "1",
+                "dataset=synthetic", "dataset.image_size=28", "trainer.eval_batch_size=256")
+    rows = {m[1]: m.groups()[1:] for m in re.finditer(r"^(\w+)\s+(\d+)\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.e+-]+)$", out, re.M)}
+    assert set(rows) == {"cae", "ae"}
+    batch, chunk, whole, chunked, ratio, diff = rows["cae"]
+    assert (int(batch), int(chunk)) == (256, 125)  # 12 MiB over the decoder's 32 x 28 x 28 fp32 output
+    whole, chunked = (float(v.replace(",", "")) for v in (whole, chunked))
+    assert float(ratio) == pytest.approx(chunked / whole, abs=0.006)
+    assert float(diff) <= 1e-5
+    assert int(rows["ae"][1]) == 256  # an MLP's outputs are small: its batches stay whole

@@ -42,6 +42,9 @@ class ReconstructionModel(nn.Module):
                          of the map (mean | max | topk); `score.reduction: auto` (the default)
                          uses it, or the model's own `image_scores` where the paper's score is
                          more than a reduction (DRAEM's pooled max, PatchCore's re-weighting).
+      scores_in_micro_batches  its score() cuts a batch into micro-batches sized to the device
+                         itself (memory banks, CLIP): the CPU scoring chunks of
+                         freqexp.training.ReconstructionModule.score_chunk leave its batches whole.
     """
 
     lightning_module: str = "freqexp.training:ReconstructionModule"
@@ -53,6 +56,7 @@ class ReconstructionModel(nn.Module):
     filtered_target: bool = True
     published_score: str = "mean"
     zero_shot: Optional[str] = None
+    scores_in_micro_batches: bool = False
 
     @classmethod
     def from_config(cls, in_shape: tuple[int, int, int], kwargs: Dict[str, Any]) -> "ReconstructionModel":

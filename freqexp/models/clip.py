@@ -240,6 +240,7 @@ class ClipDetector(nn.Module):
     state dict (model.pt, best-epoch copies), so a saved run holds only what was learnt."""
 
     FROZEN_PREFIX = "clip."
+    scores_in_micro_batches = True  # its configs score 224 px images 16-32 at a time (trainer.eval_batch_size)
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)

@@ -249,6 +249,7 @@ class NeighbourhoodPooling(nn.Module):
 @MODELS.register("patchcore")
 class PatchCore(GradientFreeModel):
     published_score = "max"  # of the patch scores, re-weighted (eq. 7): see score()
+    scores_in_micro_batches = True  # sized from the device's memory (micro_batch)
 
     def __init__(
         self,
