@@ -19,16 +19,10 @@ import torch
 import freqexp  # noqa: F401
 from freqexp.data import build_dataset
 from freqexp.evaluate import score_split
+from freqexp.overrides import compose_config
 from freqexp.run import quiet_lightning
 from freqexp.training import ReconstructionModule
 from freqexp.validate import make_plan
-
-
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
-
-    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
 
 
 def sync(device):
@@ -74,7 +68,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     quiet_lightning()
-    cfg = compose(["trainer.progress_bar=false", *args.overrides])
+    cfg = compose_config(["trainer.progress_bar=false", *args.overrides])
     plan = make_plan(cfg)
     device = plan.hardware.device
     data = build_dataset(cfg.dataset).to(device)

@@ -28,15 +28,9 @@ import torch
 import freqexp  # noqa: F401
 from freqexp.data import build_dataset
 from freqexp.metrics import reduce_map, roc_auc
+from freqexp.overrides import compose_config
 from freqexp.training import to_unit_float
 from freqexp.validate import make_plan
-
-
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
-
-    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
 
 
 def sync(device):
@@ -75,7 +69,7 @@ def observe_all(model, train, batch_size, device) -> float:
 
 
 def bench_memory_bank(name, args, common):
-    cfg = compose([f"model={name}", *common])
+    cfg = compose_config([f"model={name}", *common])
     plan = make_plan(cfg)
     device = plan.hardware.device
     model = plan.model.to(device).eval()
@@ -100,7 +94,7 @@ def bench_memory_bank(name, args, common):
 
 
 def bench_baseline(name, args, common, data):
-    cfg = compose([f"model={name}", *common])
+    cfg = compose_config([f"model={name}", *common])
     plan = make_plan(cfg)
     device = plan.hardware.device
     model = plan.model.to(device).eval()
@@ -149,7 +143,7 @@ def main():
         rows += model_rows
         print_table(model_rows, file=sys.stderr)  # progress, as each model ends
     if not args.no_baselines:
-        data = data or build_dataset(compose(common).dataset)
+        data = data or build_dataset(compose_config(common).dataset)
         rows += [bench_baseline(name, args, common, data) for name in ("knn", "pca")]
     print(f"Fashion-MNIST normal class {args.normal_class}: {len(data.train)} train / {len(data.test)} test images "
           f"({data.test.n_anomalous} anomalous), torch threads {torch.get_num_threads()}, overrides {' '.join(extra) or '-'}")

@@ -53,18 +53,12 @@ from freqexp.data import build_dataset
 from freqexp.metrics import roc_auc
 from freqexp.models.bank_search import nearest_k
 from freqexp.models.wedge import guidance_map, minmax_per_image
+from freqexp.overrides import compose_config
 from freqexp.training import to_unit_float
 from freqexp.validate import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 ANOMALIB = {"peak_rss_gb": 2.7, "img_s": 3.1}  # anomalib Patchcore, 200 train / 500 test, 224 px, 2 threads
-
-
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
-
-    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
 
 
 def sync(device):
@@ -270,7 +264,7 @@ def relative_max(a, b):
 
 
 def bench_model(name, args, overrides):
-    cfg = compose([f"model={name}", *overrides])
+    cfg = compose_config([f"model={name}", *overrides])
     plan = make_plan(cfg)
     device = plan.hardware.device
     model = plan.model.to(device).eval()
@@ -370,7 +364,7 @@ def widths_mode(args, extra):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = compose(["model=patchcore", "dataset=fashion_mnist", f"dataset.normal_class={args.normal_class}",
+    cfg = compose_config(["model=patchcore", "dataset=fashion_mnist", f"dataset.normal_class={args.normal_class}",
                    f"dataset.limit_train={args.limit_train}", f"dataset.limit_test={args.limit_test}", *extra])
     model = make_plan(cfg).model.eval()
     data = build_dataset(cfg.dataset)

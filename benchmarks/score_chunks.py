@@ -12,31 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from freqexp.data import build_dataset
+from freqexp.data import Split, build_dataset
+from freqexp.evaluate import score_split
+from freqexp.overrides import compose_config
 from freqexp.training import CPU_SCORE_CHUNK_BYTES, build_module
 from freqexp.validate import make_plan
 
 DEFAULT_MODELS = "ae,cae,cvae,deep_cae,memae_fft,skip_ae,robust_ae,draem,vit_ad"
-
-
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
-
-    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
-
-
-def score_all(module, images: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:
-    """Seconds to score every image in batches of batch_size (as freqexp.evaluate does), and the scores."""
-    scores = []
-    t0 = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        scores.append(module.score(module.as_input(images[start : start + batch_size]))[1])
-    return time.perf_counter() - t0, torch.cat(scores)
 
 
 def main() -> None:
@@ -51,23 +36,25 @@ def main() -> None:
           f"{CPU_SCORE_CHUNK_BYTES / 2**20:.0f} MiB of largest layer output; median of {args.repeats}, alternating")
     print(f"{'model':12s} {'batch':>6s} {'chunk':>6s} {'whole img/s':>12s} {'chunked img/s':>14s} {'ratio':>6s} {'max |score diff|':>17s}")
     for name in args.models.split(","):
-        cfg = compose([*base, f"model={name}", "trainer.progress_bar=false", "hardware=cpu"])
+        cfg = compose_config([*base, f"model={name}", "trainer.progress_bar=false", "hardware=cpu"])
         plan = make_plan(cfg)
         module = build_module(plan, cfg).eval()
         shape = tuple(build_dataset(cfg.dataset).test.images.shape[1:])
         images = torch.rand(args.images, *shape, generator=torch.Generator().manual_seed(0))
+        split = Split(images, torch.zeros(args.images, dtype=torch.long))
         batch = int(cfg.trainer.eval_batch_size)
         chunk = module.score_chunk(module.as_input(images[:batch]).float())
         key = next(iter(module._chunk_images), None)
         times = {"whole": [], "chunked": []}
         scores = {}
-        score_all(module, images[: 2 * batch], batch)  # warm-up: allocator, kernels' first calls
+        score_split(module, split.subset(torch.arange(min(2 * batch, args.images))), batch)  # warm-up: allocator, kernels' first calls
         for r in range(args.repeats):
             for way in (("whole", "chunked") if r % 2 == 0 else ("chunked", "whole")):
                 if key is not None:
                     module._chunk_images[key] = chunk if way == "chunked" else args.images  # whole: one chunk per batch
-                seconds, scores[way] = score_all(module, images, batch)
-                times[way].append(seconds)
+                scored = score_split(module, split, batch)  # as evaluation scores a split
+                scores[way] = scored.scores
+                times[way].append(scored.seconds)
         whole, chunked = (args.images / statistics.median(times[w]) for w in ("whole", "chunked"))
         diff = (scores["whole"] - scores["chunked"]).abs().max().item()
         print(f"{name:12s} {batch:6d} {chunk:6d} {whole:12,.0f} {chunked:14,.0f} {chunked / whole:6.2f} {diff:17.2e}", flush=True)

@@ -31,16 +31,10 @@ import torch
 
 import freqexp  # noqa: F401
 from freqexp.data import IndexBatches, StepGroups, build_dataset
+from freqexp.overrides import compose_config
 from freqexp.run import build_trainer, quiet_lightning
 from freqexp.training import ReconstructionModule, TrainTimer, steps_per_call, to_unit_float
 from freqexp.validate import make_plan
-
-
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_module
-
-    with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
 
 
 PROXY = ["model=ae", "model.hidden=[16]", "model.latent_dim=4", "loss=mse", "dataset=synthetic", "dataset.image_size=8",
@@ -164,7 +158,7 @@ def main():
     batch_size = 32 if args.proxy and args.batch_size == 256 else args.batch_size
     overrides = [*(PROXY if args.proxy else []), f"trainer.max_epochs={args.epochs}", f"trainer.batch_size={batch_size}",
                  "trainer.progress_bar=false", *([f"dataset.limit_train={args.limit}"] if args.limit else []), *args.overrides]
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     data = build_dataset(cfg.dataset).to(make_plan(cfg).hardware.device)
     runs = {"plain": [], "fused": [], "ours": [], **({"group": []} if args.steps_per_call else {})}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits all paths

@@ -92,7 +92,8 @@ def leaf_keys(cfg, prefix: str = "") -> List[str]:
     return keys
 
 
-def compose_keys(group_overrides: Sequence[str]) -> set:
+def compose_config(overrides: Sequence[str]):
+    """The packaged config composed with `overrides`, as the CLI composes it (benchmarks, checks)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -101,10 +102,13 @@ def compose_keys(group_overrides: Sequence[str]) -> set:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="freqexp.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(group_overrides))
+            return compose(config_name="config", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
-    return set(leaf_keys(cfg))
+
+
+def compose_keys(group_overrides: Sequence[str]) -> set:
+    return set(leaf_keys(compose_config(group_overrides)))
 
 
 def check(argv: Sequence[str]) -> Optional[str]:
