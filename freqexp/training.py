@@ -23,8 +23,8 @@ NAN_CHECK_EVERY = 50  # training steps between two NaN-guard checks (each one ho
 
 # Scoring on a CPU goes through a batch in chunks whose largest intermediate (one layer's output)
 # takes at most this many bytes, so each layer's output is still in the caches when the next one
-# reads it: at 28 px the conv models score 1.5-2.5x faster in chunks of 64-128 images than in one
-# batch of 1,024 (benchmarks/score_chunks.py). A GPU scores whole batches.
+# reads it: at 28 px the conv models score 1.1-1.7x faster on 2 cores in chunks of 125-250 images
+# than in one batch of 1,024 (benchmarks/score_chunks.py; docs/speed.md). A GPU scores whole batches.
 CPU_SCORE_CHUNK_BYTES = 12 * 2**20
 
 
