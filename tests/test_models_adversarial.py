@@ -144,6 +144,71 @@ def test_ganomaly_reinitializes_a_collapsed_discriminator(monkeypatch):
             assert float(w.abs().max()) < 0.2 and 0.005 < float(w.std()) < 0.04
 
 
+def test_the_device_side_reset_takes_the_fresh_draw_exactly_where_collapsed_and_nothing_elsewhere():
+    """reset_discriminator_where never reads its flag on the host: with True the discriminator's
+    weights and BatchNorm statistics (num_batches_tracked included) become the fresh draw's, bit for
+    bit; with False they stay bit for bit as they were; the generator is untouched either way."""
+    import copy
+
+    from freqexp.models.ganomaly import Ganomaly, dcgan_init
+
+    torch.manual_seed(0)
+    model = Ganomaly((1, 32, 32), channels=[8, 16], latent_dim=16)
+    model.discriminator(torch.rand(4, 1, 32, 32))  # BatchNorm statistics move away from (0, 1), count 1
+    fresh = copy.deepcopy(model.discriminator)
+    dcgan_init(fresh)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(before[f"discriminator.{k}"], v) for k, v in fresh.state_dict().items())
+
+    model.reset_discriminator_where(torch.tensor(False), fresh)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    model.reset_discriminator_where(torch.tensor(True), fresh)
+    after = model.state_dict()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(after[f"discriminator.{k}"], v), k
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if not k.startswith("discriminator."))
+    counts = [int(v) for k, v in after.items() if k.startswith("discriminator.") and k.endswith("num_batches_tracked")]
+    assert counts and counts == [0] * len(counts)  # reset, as reset_running_stats does (they were 1)
+
+
+def test_every_reset_of_a_collapsed_discriminator_starts_from_a_draw_of_its_own(monkeypatch):
+    """Two collapses (one step in each of two epochs) give two different DCGAN draws, as
+    re-initializing twice does in the paper's code: the fresh draw is renewed once the device says
+    it was used (here at the epoch's end)."""
+    import freqexp.models.ganomaly as gan
+
+    monkeypatch.setattr(gan, "discriminator_loss", lambda real, fake: (real.sum() + fake.sum()) * 0 + 1e-7)
+    drawn = []
+
+    def keep_each_reset(module):
+        _mark_disc_weights(module)
+        hook = module.on_train_batch_end
+
+        def on_train_batch_end(*args):  # after the step's reset: the draw it took
+            drawn.append([p.detach().clone() for p in module.model.discriminator.parameters()])
+            return hook(*args)
+
+        module.on_train_batch_end = on_train_batch_end
+
+    module, _, _ = fit(TINY_GANOMALY, epochs=2, patch=keep_each_reset)
+    assert module.disc_resets == 2 and len(drawn) == 2
+    drawn_at_random = [(a, b) for a, b in zip(*drawn) if a.numel() > 1 and float(a.std()) > 0]  # not the zero biases
+    assert drawn_at_random and not any(torch.equal(a, b) for a, b in drawn_at_random)
+    for weights in drawn:  # each a DCGAN draw: conv weights N(0, 0.02), not the 0.5 marker
+        conv = torch.cat([w.flatten() for w in weights if w.dim() == 4])
+        assert float(conv.abs().max()) < 0.2 and 0.005 < float(conv.std()) < 0.04
+
+
+def test_a_nan_in_the_discriminator_loss_stops_the_run_naming_it(monkeypatch):
+    import freqexp.models.ganomaly as gan
+    from freqexp.errors import TrainingError
+
+    monkeypatch.setattr(gan, "discriminator_loss", lambda real, fake: (real.sum() + fake.sum()) * float("nan"))
+    with pytest.raises(TrainingError, match=r"disc=nan"):
+        fit(TINY_GANOMALY)
+
+
 def test_ganomaly_odd_sizes_and_rgb():
     from freqexp.models.ganomaly import Ganomaly
 

@@ -265,14 +265,22 @@ class DiffusionModel(ReconstructionModel):
         return min(self.schedule.timesteps, max(1, round(self.t_score * self.schedule.timesteps))) - 1
 
     def sampler_timesteps(self) -> list[int]:
-        """The DDIM steps, descending from start_step to 0 (fewer when start_step is small)."""
-        evenly = torch.linspace(self.start_step, 0, self.sampler_steps, dtype=torch.float64).round().long()
-        return sorted(set(evenly.tolist()), reverse=True)
+        """The DDIM steps, descending from start_step to 0 (fewer when start_step is small);
+        computed once per (start_step, sampler_steps), not on every scored batch."""
+        key = (self.start_step, self.sampler_steps)
+        if getattr(self, "_timesteps", (None,))[0] != key:
+            evenly = torch.linspace(self.start_step, 0, self.sampler_steps, dtype=torch.float64).round().long()
+            self._timesteps = (key, sorted(set(evenly.tolist()), reverse=True))
+        return self._timesteps[1]
 
     def score_noise(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """The fixed noise field [1, C, H, W] of every scored image (see the module docstring)."""
-        gen = torch.Generator().manual_seed(self.score_seed)
-        return torch.randn((1, *shape), generator=gen).to(device)
+        """The fixed noise field [1, C, H, W] of every scored image (see the module docstring),
+        drawn on the CPU (the same field on every device) once per seed, shape and device."""
+        key = (self.score_seed, tuple(shape), torch.device(device))
+        if getattr(self, "_noise", (None,))[0] != key:
+            gen = torch.Generator().manual_seed(self.score_seed)
+            self._noise = (key, torch.randn((1, *shape), generator=gen).to(device))
+        return self._noise[1]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ eval mode (running statistics), so a score never depends on its batch companions
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Dict, Iterator
 
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from freqexp.checks import number, positive_int, positive_int_list
-from freqexp.errors import ConfigError, TrainingError
+from freqexp.errors import ConfigError
 from freqexp.models.autoencoders import ConvDecoder, ConvEncoder, encoder_sizes
-from freqexp.training import ReconstructionModule
+from freqexp.training import NAN_CHECK_EVERY, ReconstructionModule
 from freqexp.models.base import MODELS, ReconstructionModel
 
 
@@ -155,6 +156,22 @@ class Ganomaly(ReconstructionModel):
     def reset_discriminator(self) -> None:
         dcgan_init(self.discriminator)
 
+    @torch.no_grad()
+    def reset_discriminator_where(self, collapsed: torch.Tensor, fresh: nn.Module) -> None:
+        """The discriminator's weights and BatchNorm statistics become `fresh`'s (a copy of the
+        discriminator re-drawn by dcgan_init) where `collapsed` (a 0-d bool on the device) is true,
+        and stay as they are where it is false, without reading `collapsed` on the host: a
+        lerp with weight 1 gives `fresh` exactly, with weight 0 the weights themselves exactly."""
+        own = [*self.discriminator.parameters(), *self.discriminator.buffers()]
+        new = [*fresh.parameters(), *fresh.buffers()]
+        floats = [(a, b) for a, b in zip(own, new) if a.is_floating_point()]
+        if floats:
+            targets, sources = (list(t) for t in zip(*floats))
+            torch._foreach_lerp_(targets, sources, [collapsed.to(targets[0].dtype)] * len(targets))
+        for a, b in zip(own, new):
+            if not a.is_floating_point():  # BatchNorm's num_batches_tracked
+                a.copy_(torch.where(collapsed, b, a))
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         z = self.encoder1(x)
         x_hat = self.decoder(z)
@@ -198,7 +215,37 @@ class GanomalyModule(ReconstructionModule):
             raise ConfigError("filter.apply_to", "model=ganomaly scores by latent distance, not by a residual, so a filter at "
                                                  "apply_to=score would have no effect; use input or both")
         self.automatic_optimization = False
-        self.disc_resets = 0  # how often the discriminator collapsed and was re-initialized
+        # The paper's code re-initializes the discriminator when its loss drops below the threshold,
+        # an `if` on the loss that would make every step wait for the device. Here each step blends
+        # in a fresh draw (_fresh_disc, kept beside the model, not in its state) where the loss,
+        # on the device, is below it, and counts the resets on the device (_resets). The fresh draw
+        # is renewed after a reset, read at the NaN guard's cadence (every NAN_CHECK_EVERY steps and
+        # at each epoch's end, where the host reads the device anyway).
+        self._fresh_disc: list[nn.Module] = []  # a list: not registered as a submodule
+        self._resets: torch.Tensor | None = None
+        self._resets_seen = 0
+        self._steps_since_reset_check = 0
+
+    @property
+    def disc_resets(self) -> int:
+        """How often the discriminator collapsed and was re-initialized (reads the device)."""
+        return 0 if self._resets is None else int(self._resets)
+
+    def _fresh_discriminator(self) -> nn.Module:
+        if not self._fresh_disc:
+            fresh = copy.deepcopy(self.model.discriminator)
+            fresh.requires_grad_(False)
+            dcgan_init(fresh)
+            self._fresh_disc.append(fresh)
+            self._resets = torch.zeros((), dtype=torch.long, device=self.model.score_min.device)
+        return self._fresh_disc[0]
+
+    def check_resets(self) -> None:
+        """Renew the fresh draw once it has been used, so that every reset starts from a draw of its own."""
+        self._steps_since_reset_check = 0
+        if self._resets is not None and self.disc_resets != self._resets_seen:
+            self._resets_seen = self.disc_resets
+            dcgan_init(self._fresh_disc[0])
 
     def configure_optimizers(self):
         opt_g = self.make_optimizer(self.model.generator_parameters())
@@ -231,7 +278,6 @@ class GanomalyModule(ReconstructionModule):
         x_hat = out["recon"]
         terms, con_parts = self.generator_losses(out, target)
         g_loss = terms["adv"] + terms["con"] + terms["lat"]
-        self.check_and_log(g_loss, {**con_parts, **terms}, bs)
         opt_g.zero_grad()
         self.manual_backward(g_loss)
         opt_g.step()
@@ -242,21 +288,25 @@ class GanomalyModule(ReconstructionModule):
         real_logits, _ = model.discriminator(target)
         fake_logits, _ = model.discriminator(x_hat.detach())
         d_loss = discriminator_loss(real_logits, fake_logits)
-        if self.nan_guard and not torch.isfinite(d_loss.detach()):
-            raise TrainingError(f"discriminator loss became {float(d_loss.detach())} at epoch {self.current_epoch}, step "
-                                f"{self.global_step}; lower optim.lr, or set trainer.nan_guard=false")
-        self.log("train/loss_disc", d_loss, on_step=False, on_epoch=True, batch_size=bs)
+        # the epoch's sums (train/loss = the generator's; train/loss_disc beside its terms), which
+        # the NaN guard reads every NAN_CHECK_EVERY steps: a NaN in either network's loss stops the run
+        self.check_and_log(g_loss, {**con_parts, **terms, "disc": d_loss}, bs)
         opt_d.zero_grad()
         self.manual_backward(d_loss)
         opt_d.step()
         self.untoggle_optimizer(opt_d)
 
-        if float(d_loss.detach()) < model.disc_reset_threshold:
-            model.reset_discriminator()
-            self.disc_resets += 1
+        # the paper's code: after the discriminator's step, re-initialize it if its loss (before the step) < 1e-5
+        collapsed = d_loss.detach() < model.disc_reset_threshold
+        model.reset_discriminator_where(collapsed, self._fresh_discriminator())
+        self._resets.add_(collapsed)
+        self._steps_since_reset_check += 1
+        if self._steps_since_reset_check >= NAN_CHECK_EVERY:
+            self.check_resets()
         return g_loss.detach()
 
     def on_train_epoch_end(self):
+        self.check_resets()
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
