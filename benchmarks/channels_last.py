@@ -21,13 +21,9 @@ from freqexp.data import build_dataset
 from freqexp.evaluate import score_split
 from freqexp.overrides import compose_config
 from freqexp.run import quiet_lightning
+from freqexp.timing import wait_for_device
 from freqexp.training import ReconstructionModule
 from freqexp.validate import make_plan
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def score_seconds(module, split, batch_size: int) -> tuple[float, torch.Tensor]:
@@ -46,7 +42,7 @@ def train_seconds(module, images: torch.Tensor, batch_size: int, steps: int) -> 
     n = len(images)
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
-            sync(images.device)
+            wait_for_device(images.device)
             t0 = time.perf_counter()
         start = (i * batch_size) % max(1, n - batch_size)
         x = module.as_input(images[start : start + batch_size])
@@ -56,7 +52,7 @@ def train_seconds(module, images: torch.Tensor, batch_size: int, steps: int) -> 
         scaler.scale(total).backward()
         scaler.step(opt)
         scaler.update()
-    sync(images.device)
+    wait_for_device(images.device)
     return (time.perf_counter() - t0) / steps
 
 

@@ -29,13 +29,9 @@ import freqexp  # noqa: F401
 from freqexp.data import build_dataset
 from freqexp.metrics import reduce_map, roc_auc
 from freqexp.overrides import compose_config
+from freqexp.timing import wait_for_device
 from freqexp.training import to_unit_float
 from freqexp.validate import make_plan
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batches(images, size, device):
@@ -45,26 +41,26 @@ def batches(images, size, device):
 
 def score(model, test, batch_size, device):
     """(images/s, AUROC with the published score, AUROC with the map's mean) over the test split."""
-    sync(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     maps, scores = [], []
     for x in batches(test.images, batch_size, device):
         m, s = model.score(x)
         maps.append(m.cpu())
         scores.append(s.cpu())
-    sync(device)
+    wait_for_device(device)
     seconds = time.perf_counter() - t0
     labels = test.labels.cpu()
     return len(test.images) / seconds, roc_auc(torch.cat(scores), labels), roc_auc(reduce_map(torch.cat(maps), "mean"), labels)
 
 
 def observe_all(model, train, batch_size, device) -> float:
-    sync(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for x in batches(train.images, batch_size, device):
             model.observe(x)
-    sync(device)
+    wait_for_device(device)
     return time.perf_counter() - t0
 
 
@@ -82,10 +78,10 @@ def bench_memory_bank(name, args, common):
     for ratio, sampling in settings:
         model.sampling_ratio, model.sampling = ratio, (own if sampling == "all" else sampling)
         model._observed = list(features)
-        sync(device)
+        wait_for_device(device)
         t0 = time.perf_counter()
         model.finalize()
-        sync(device)
+        wait_for_device(device)
         select_s = time.perf_counter() - t0
         ips, auc_max, auc_mean = score(model, data.test, args.batch_size, device)
         rows.append(dict(model=name, ratio=ratio, sampling=sampling, bank=model.memory_bank.shape[0], fit=extract_s + select_s,
@@ -99,10 +95,10 @@ def bench_baseline(name, args, common, data):
     device = plan.hardware.device
     model = plan.model.to(device).eval()
     fit_s = observe_all(model, data.train, args.batch_size, device)
-    sync(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     model.finalize()
-    sync(device)
+    wait_for_device(device)
     fit_s += time.perf_counter() - t0
     ips, auc_max, auc_mean = score(model, data.test, args.batch_size, device)
     bank = model.bank.shape[0] if hasattr(model, "bank") else model.components.shape[0]

@@ -54,16 +54,12 @@ from freqexp.metrics import roc_auc
 from freqexp.models.bank_search import nearest_k
 from freqexp.models.wedge import guidance_map, minmax_per_image
 from freqexp.overrides import compose_config
+from freqexp.timing import wait_for_device
 from freqexp.training import to_unit_float
 from freqexp.validate import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 ANOMALIB = {"peak_rss_gb": 2.7, "img_s": 3.1}  # anomalib Patchcore, 200 train / 500 test, 224 px, 2 threads
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- today's path (before this change)
@@ -213,7 +209,7 @@ def score_split(score_fn, images, labels, batch_size, device):
     """(images/s, AUROC, scores [N], maps [N,1,H,W]) after one warm-up batch."""
     with torch.no_grad():
         score_fn(to_unit_float(images[: min(8, len(images))].to(device)))
-    sync(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     maps, scores = [], []
     for x in batches(images, batch_size, device):
@@ -221,17 +217,17 @@ def score_split(score_fn, images, labels, batch_size, device):
         maps.append(m)
         scores.append(s)
     maps, scores = torch.cat(maps), torch.cat(scores)
-    sync(device)
+    wait_for_device(device)
     seconds = time.perf_counter() - t0
     scores, maps = scores.float().cpu(), maps.float().cpu()
     return len(images) / seconds, roc_auc(scores, labels.cpu()), scores, maps
 
 
 def timed(fn, device):
-    sync(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    wait_for_device(device)
     return out, time.perf_counter() - t0
 
 

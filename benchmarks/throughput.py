@@ -33,6 +33,7 @@ import freqexp  # noqa: F401
 from freqexp.data import IndexBatches, StepGroups, build_dataset
 from freqexp.overrides import compose_config
 from freqexp.run import build_trainer, quiet_lightning
+from freqexp.timing import wait_for_device
 from freqexp.training import ReconstructionModule, TrainTimer, steps_per_call, to_unit_float
 from freqexp.validate import make_plan
 
@@ -55,7 +56,7 @@ def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, floa
     seen, seconds, steps = 0, 0.0, 0
     model.train()
     for epoch in range(epochs):
-        sync(images.device)
+        wait_for_device(images.device)
         t0 = time.perf_counter()
         for xb in batches:
             x = to_unit_float(xb).contiguous(memory_format=layout)
@@ -66,7 +67,7 @@ def plain_loop(plan, cfg, images, epochs: int, fused: bool) -> tuple[float, floa
             scaler.step(opt)
             scaler.update()
         sched.step()
-        sync(images.device)
+        wait_for_device(images.device)
         if epoch > 0:
             seconds += time.perf_counter() - t0
             seen += len(images)
@@ -97,11 +98,6 @@ def freqexp_path(plan, cfg, data, epochs: int, group="auto") -> tuple[float, flo
     trainer.callbacks.append(EpochClock())
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return len(data.train) * (epochs - 1) / sum(per_epoch[1:]), sum(per_epoch[1:]) / steps, k
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def diagnose(cfg, data, us_per_step: dict) -> None:

@@ -13,6 +13,7 @@ import torch
 from freqexp.data import OneClassData, Split
 from freqexp.progress import Progress
 from freqexp.metrics import average_precision, best_f1_threshold, binary_metrics, has_both_pixel_classes, pro_auc, roc_auc
+from freqexp.timing import wait_for_device
 from freqexp.training import ReconstructionModule
 
 PRO_MAX_FPR = 0.3  # test/pro integrates PRO over FPR in [0, 0.3], as in the MVTec AD benchmark
@@ -35,8 +36,7 @@ def score_split(module: ReconstructionModule, split: Split, batch_size: int, kee
     device = module.device
     images = split.images  # batches move to the device one at a time (a memory-mapped split stays on disk)
     scores, maps = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait_for_device(device)
     t0 = time.perf_counter()
     with Progress(f"scoring {name}", len(images), "images") as progress:
         for start in range(0, len(images), batch_size):

@@ -13,6 +13,15 @@ from typing import Dict, Iterator
 marks: Dict[str, float] = {}
 
 
+def wait_for_device(device) -> None:
+    """Block until a CUDA `device` has run the work queued on it, so that a clock read next covers
+    that work; nothing on other devices (a CPU runs its work before returning)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def mark(name: str) -> None:
     """Record that the process reached `name` now (the first time only)."""
     marks.setdefault(name, time.time())

@@ -18,6 +18,7 @@ from freqexp.errors import TrainingError
 from freqexp.metrics import average_precision, reduce_map, roc_auc
 from freqexp.data.base import IndexBatches, StepGroup, StepGroups
 from freqexp.progress import Progress
+from freqexp.timing import wait_for_device
 
 NAN_CHECK_EVERY = 50  # training steps between two NaN-guard checks (each one host-device sync); also at every epoch end
 
@@ -527,18 +528,13 @@ class TrainTimer(L.Callback):
         self.seconds = 0.0
         self._t0: Optional[float] = None
 
-    @staticmethod
-    def _sync(pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def _start(self, pl_module):
-        self._sync(pl_module)
+        wait_for_device(pl_module.device)
         self._t0 = time.perf_counter()
 
     def _stop(self, pl_module):
         if self._t0 is not None:
-            self._sync(pl_module)
+            wait_for_device(pl_module.device)
             self.seconds += time.perf_counter() - self._t0
             self._t0 = None
 
