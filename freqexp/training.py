@@ -224,8 +224,11 @@ class ReconstructionModule(L.LightningModule):
             return
         means = (self._loss_sum / max(self._loss_images, 1)).tolist()
         terms = ", ".join(f"{name[len('loss_'):]}={v:.4g}" for name, v in zip(self._loss_names[1:], means[1:]))
+        # the loss, or where only a term outside it went bad (GANomaly's discriminator), that term
+        bad = next((i for i, v in enumerate(means) if not math.isfinite(v)), 0)
+        what = "loss" if bad == 0 else f"{self._loss_names[bad][len('loss_'):]} loss"
         raise TrainingError(
-            f"loss became {means[0]} in epoch {self.current_epoch + 1} (by step {self.global_step}; epoch means of the "
+            f"{what} became {means[bad]} in epoch {self.current_epoch + 1} (by step {self.global_step}; epoch means of the "
             f"terms: {terms}); lower optim.lr or change loss/model, or set trainer.nan_guard=false"
         )
 

@@ -157,17 +157,27 @@ def test_the_device_side_reset_takes_the_fresh_draw_exactly_where_collapsed_and_
     model.discriminator(torch.rand(4, 1, 32, 32))  # BatchNorm statistics move away from (0, 1), count 1
     fresh = copy.deepcopy(model.discriminator)
     dcgan_init(fresh)
+    # values an arithmetic blend would not carry through: inf, NaN and a negative zero
+    bn = next(m for m in model.discriminator.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0], bn.running_mean[0] = float("inf"), float("nan")
+    conv = next(m for m in model.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.view(-1)[0] = -0.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(before[f"discriminator.{k}"], v) for k, v in fresh.state_dict().items())
 
+    def same_bits(a, b):  # equal values, NaN where NaN, the same sign of zero
+        return torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) and torch.equal(a.isnan(), b.isnan()) \
+            and (not a.is_floating_point() or torch.equal(a.signbit(), b.signbit()))
+
     model.reset_discriminator_where(torch.tensor(False), fresh)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(same_bits(v, before[k]) for k, v in model.state_dict().items())
 
     model.reset_discriminator_where(torch.tensor(True), fresh)
     after = model.state_dict()
     for k, v in fresh.state_dict().items():
-        assert torch.equal(after[f"discriminator.{k}"], v), k
-    assert all(torch.equal(v, before[k]) for k, v in after.items() if not k.startswith("discriminator."))
+        assert same_bits(after[f"discriminator.{k}"], v), k
+    assert all(same_bits(v, before[k]) for k, v in after.items() if not k.startswith("discriminator."))
     counts = [int(v) for k, v in after.items() if k.startswith("discriminator.") and k.endswith("num_batches_tracked")]
     assert counts and counts == [0] * len(counts)  # reset, as reset_running_stats does (they were 1)
 
@@ -200,12 +210,35 @@ def test_every_reset_of_a_collapsed_discriminator_starts_from_a_draw_of_its_own(
         assert float(conv.abs().max()) < 0.2 and 0.005 < float(conv.std()) < 0.04
 
 
+def test_drawing_the_fresh_discriminator_leaves_the_global_random_streams_alone():
+    """The fresh draws come from seeds of their own (derived from the run's seed), so a run's
+    augments and noise draw what they drew before; the same run seed gives the same draws."""
+    from freqexp.training import build_module
+    from freqexp.validate import make_plan
+
+    def drawn(seed):
+        cfg = compose_cfg([*TINY_GANOMALY, "dataset=synthetic", "dataset.image_size=32", "hardware=cpu", f"seed={seed}"])
+        module = build_module(make_plan(cfg), cfg)  # make_plan seeds the run
+        state = torch.get_rng_state()
+        fresh = module._fresh_discriminator()
+        first = [p.clone() for p in fresh.parameters()]
+        module._draw_fresh()
+        assert torch.equal(torch.get_rng_state(), state)
+        return first, [p.clone() for p in fresh.parameters()]
+
+    a1, a2 = drawn(3)
+    b1, b2 = drawn(3)
+    assert all(torch.equal(x, y) for x, y in zip(a1 + a2, b1 + b2))  # reproducible
+    assert not torch.equal(a1[0], a2[0])  # each draw its own
+    assert not torch.equal(drawn(4)[0][0], a1[0])
+
+
 def test_a_nan_in_the_discriminator_loss_stops_the_run_naming_it(monkeypatch):
     import freqexp.models.ganomaly as gan
     from freqexp.errors import TrainingError
 
     monkeypatch.setattr(gan, "discriminator_loss", lambda real, fake: (real.sum() + fake.sum()) * float("nan"))
-    with pytest.raises(TrainingError, match=r"disc=nan"):
+    with pytest.raises(TrainingError, match=r"^disc loss became nan in epoch 1 .*disc=nan"):
         fit(TINY_GANOMALY)
 
 

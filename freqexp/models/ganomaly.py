@@ -161,16 +161,12 @@ class Ganomaly(ReconstructionModel):
         """The discriminator's weights and BatchNorm statistics become `fresh`'s (a copy of the
         discriminator re-drawn by dcgan_init) where `collapsed` (a 0-d bool on the device) is true,
         and stay as they are where it is false, without reading `collapsed` on the host: a
-        lerp with weight 1 gives `fresh` exactly, with weight 0 the weights themselves exactly."""
+        selection in place (torch.where into the tensor itself), exact for any value: inf, NaN and -0.0
+        included."""
         own = [*self.discriminator.parameters(), *self.discriminator.buffers()]
         new = [*fresh.parameters(), *fresh.buffers()]
-        floats = [(a, b) for a, b in zip(own, new) if a.is_floating_point()]
-        if floats:
-            targets, sources = (list(t) for t in zip(*floats))
-            torch._foreach_lerp_(targets, sources, [collapsed.to(targets[0].dtype)] * len(targets))
         for a, b in zip(own, new):
-            if not a.is_floating_point():  # BatchNorm's num_batches_tracked
-                a.copy_(torch.where(collapsed, b, a))
+            torch.where(collapsed, b, a, out=a)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         z = self.encoder1(x)
@@ -235,17 +231,33 @@ class GanomalyModule(ReconstructionModule):
         if not self._fresh_disc:
             fresh = copy.deepcopy(self.model.discriminator)
             fresh.requires_grad_(False)
-            dcgan_init(fresh)
             self._fresh_disc.append(fresh)
             self._resets = torch.zeros((), dtype=torch.long, device=self.model.score_min.device)
+            # the draws' own seeds, from the run's seed: drawing never moves the global random streams
+            # (augments, noise), so a run draws what it drew before, resets or not
+            self._draw_seeds = torch.Generator().manual_seed(torch.initial_seed() + 0x5EED)
+            self._draw_fresh()
         return self._fresh_disc[0]
+
+    def _draw_fresh(self) -> None:
+        """A new DCGAN draw into the fresh copy, from its own seed, leaving the global generators as they were."""
+        fresh = self._fresh_disc[0]
+        device = next(fresh.parameters()).device
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._draw_seeds))
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(cuda[0]):
+                    torch.cuda.manual_seed(seed)
+            dcgan_init(fresh)
 
     def check_resets(self) -> None:
         """Renew the fresh draw once it has been used, so that every reset starts from a draw of its own."""
         self._steps_since_reset_check = 0
         if self._resets is not None and self.disc_resets != self._resets_seen:
             self._resets_seen = self.disc_resets
-            dcgan_init(self._fresh_disc[0])
+            self._draw_fresh()
 
     def configure_optimizers(self):
         opt_g = self.make_optimizer(self.model.generator_parameters())
