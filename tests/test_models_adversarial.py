@@ -64,6 +64,7 @@ def test_ganomaly_steps_both_optimizers_and_their_schedulers(ganomaly_one_step):
     assert changed == gen | disc, f"not updated: {sorted(gen | disc - changed)}"
     assert trainer.global_step == 2  # manual optimization counts every optimizer step: G then D
     assert module.disc_resets == 0  # a healthy discriminator (loss ~ log 2) is kept
+    assert float(trainer.callback_metrics["train/disc_resets"]) == 0.0
     # the cosine schedules (T_max = 1 epoch) were stepped by hand at the epoch's end, both of them
     opt_g, opt_d = trainer.optimizers
     for opt in (opt_g, opt_d):
@@ -201,8 +202,9 @@ def test_every_reset_of_a_collapsed_discriminator_starts_from_a_draw_of_its_own(
 
         module.on_train_batch_end = on_train_batch_end
 
-    module, _, _ = fit(TINY_GANOMALY, epochs=2, patch=keep_each_reset)
+    module, _, trainer = fit(TINY_GANOMALY, epochs=2, patch=keep_each_reset)
     assert module.disc_resets == 2 and len(drawn) == 2
+    assert float(trainer.callback_metrics["train/disc_resets"]) == 2.0  # the count so far, logged each epoch
     drawn_at_random = [(a, b) for a, b in zip(*drawn) if a.numel() > 1 and float(a.std()) > 0]  # not the zero biases
     assert drawn_at_random and not any(torch.equal(a, b) for a, b in drawn_at_random)
     for weights in drawn:  # each a DCGAN draw: conv weights N(0, 0.02), not the 0.5 marker

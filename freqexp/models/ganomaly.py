@@ -317,8 +317,14 @@ class GanomalyModule(ReconstructionModule):
             self.check_resets()
         return g_loss.detach()
 
-    def on_train_epoch_end(self):
+    def log_epoch_losses(self) -> None:
+        """The epoch's losses (the base class), and how often the discriminator has collapsed so far
+        (train/disc_resets, read with the NaN guard's epoch-end check: a curve in MLflow)."""
         self.check_resets()
+        super().log_epoch_losses()
+        self.log("train/disc_resets", float(self._resets_seen), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_epoch_end(self):
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
