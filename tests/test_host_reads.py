@@ -4,7 +4,7 @@ model's steps, every read of a tensor's value on the host (`.item()`, `float(t)`
 recorded with its file and line. On a GPU each of them is a host-device synchronisation: the
 host stops queueing work until the device has caught up. Every model in conf/model is checked,
 so a model added later is checked too; the CUDA test in test_training_step.py checks the same
-for the default model with torch's own sync detector, Lightning's code included."""
+for the default model and GANomaly with torch's own sync detector, Lightning's code included."""
 from __future__ import annotations
 
 import collections
@@ -117,33 +117,3 @@ def test_the_watch_reports_a_host_read_in_a_step(host_reads, monkeypatch):
         ("item", training_loss.__code__.co_firstlineno + 2)]
     assert sum(reads.values()) == TRAIN_BATCHES - 2
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_ganomaly_steps_never_wait_for_the_device():
-    """GANomaly's two optimizer steps, its NaN guard and its discriminator re-init check, in
-    16-mixed on CUDA under torch's own sync detector (Lightning's code included)."""
-    import lightning.pytorch as L
-
-    cfg = compose_cfg(["dataset=synthetic", "trainer.progress_bar=false", "hardware=gpu", "model=ganomaly",
-                       "dataset.n_train=256", "trainer.batch_size=16"])
-    module = build_module(make_plan(cfg), cfg)
-    data = build_dataset(cfg.dataset).to("cuda")
-    batches = IndexBatches(data.train.images, batch_size=16, shuffle=True, device="cuda")
-    seen = []
-
-    class Watch(L.Callback):  # steps 2 .. 14: after set-up; 16 steps, fewer than the 50 between two reads
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            torch.cuda.set_sync_debug_mode("error" if 1 <= batch_idx < len(batches) - 1 else "default")
-            seen.append(batch_idx)
-
-        def on_train_batch_end(self, *args):
-            torch.cuda.set_sync_debug_mode("default")
-
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="16-mixed", max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Watch()])
-    try:
-        trainer.fit(module, train_dataloaders=batches)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len(seen) == len(batches) and module.images_seen == len(data.train)

@@ -79,15 +79,19 @@ def test_the_optimizer_is_fused_and_steps_as_torchs_reference_implementation(nam
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("steps", [1, 4])  # 4: trainer.steps_per_call, a group of batches per pass of the loop
-def test_cuda_training_steps_never_wait_for_the_device(steps):
+@pytest.mark.parametrize("model, steps", [("cae", 1), ("cae", 4), ("ganomaly", 1)])  # 4: trainer.steps_per_call, a group of
+def test_cuda_training_steps_never_wait_for_the_device(model, steps):                   # batches per pass of the loop
     """16-mixed on CUDA: the fused optimizer takes the gradient scaler's inf check on the device and
-    the NaN guard reads nothing back between checks, so no step synchronises with the host."""
+    the NaN guard reads nothing back between checks, so no step synchronises with the host; nor do
+    GANomaly's two optimizer steps and its discriminator re-init check."""
     import lightning.pytorch as L
 
     from freqexp.data import IndexBatches, StepGroups, build_dataset
+    from freqexp.training import build_module
 
-    m, cfg = module(["hardware=gpu", "trainer.batch_size=16", "dataset.n_train=256"])
+    cfg = compose_cfg(["dataset=synthetic", "trainer.progress_bar=false", f"model={model}", "hardware=gpu",
+                       "trainer.batch_size=16", "dataset.n_train=256"])
+    m = build_module(make_plan(cfg), cfg)
     data = build_dataset(cfg.dataset).to("cuda")
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)

@@ -153,9 +153,6 @@ class Ganomaly(ReconstructionModel):
     def generator_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
 
-    def reset_discriminator(self) -> None:
-        dcgan_init(self.discriminator)
-
     @torch.no_grad()
     def reset_discriminator_where(self, collapsed: torch.Tensor, fresh: nn.Module) -> None:
         """The discriminator's weights and BatchNorm statistics become `fresh`'s (a copy of the
@@ -212,8 +209,8 @@ class GanomalyModule(ReconstructionModule):
                                                  "apply_to=score would have no effect; use input or both")
         self.automatic_optimization = False
         # The paper's code re-initializes the discriminator when its loss drops below the threshold,
-        # an `if` on the loss that would make every step wait for the device. Here each step blends
-        # in a fresh draw (_fresh_disc, kept beside the model, not in its state) where the loss,
+        # an `if` on the loss that would make every step wait for the device. Here each step selects
+        # a fresh draw (_fresh_disc, kept beside the model, not in its state) where the loss,
         # on the device, is below it, and counts the resets on the device (_resets). The fresh draw
         # is renewed after a reset, read at the NaN guard's cadence (every NAN_CHECK_EVERY steps and
         # at each epoch's end, where the host reads the device anyway).
@@ -255,8 +252,9 @@ class GanomalyModule(ReconstructionModule):
     def check_resets(self) -> None:
         """Renew the fresh draw once it has been used, so that every reset starts from a draw of its own."""
         self._steps_since_reset_check = 0
-        if self._resets is not None and self.disc_resets != self._resets_seen:
-            self._resets_seen = self.disc_resets
+        resets = self.disc_resets  # one read of the device
+        if resets != self._resets_seen:
+            self._resets_seen = resets
             self._draw_fresh()
 
     def configure_optimizers(self):
