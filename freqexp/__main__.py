@@ -31,6 +31,10 @@ def main() -> None:
     if problem:
         print(f"freqexp: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    from freqexp import store_process
+
+    if store_process.wanted(sys.argv[1:]):
+        store_process.start()  # MLflow is imported there while this process imports torch and Lightning
     try:
         hydra_main()
         code = 0

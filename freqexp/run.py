@@ -159,26 +159,19 @@ def run_label(cfg, overrides: Optional[list] = None, limit: int = 120) -> str:
 
 def log_dataset_inputs(tracker, cfg, data) -> None:
     """The data as MLflow dataset inputs (one per split, context train/validation/test), so the
-    runs table's Dataset column says what each run read. Best effort: a store without dataset
-    support never fails a run."""
+    runs table's Dataset column says what each run read (Tracker.log_datasets; best effort)."""
     import hashlib
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     name = dataset_label(cfg)
     source = str(data.info.get("root") or f"{cfg.dataset.name} (generated, split_seed={cfg.dataset.get('split_seed')})")
-    inputs = []
+    datasets = []
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         part = getattr(data, split)
         profile = {"images": len(part), "anomalous": int(part.n_anomalous), "shape": list(part.images.shape[1:])}
         spec = json.dumps({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "split": split, **profile}, sort_keys=True, default=str)
-        inputs.append(DatasetInput(Dataset(name=name, digest=hashlib.sha1(spec.encode()).hexdigest()[:10], source_type="local",
-                                           source=json.dumps({"uri": source}), profile=json.dumps(profile)),
-                                   tags=[InputTag("mlflow.data.context", context)]))
-    try:
-        tracker.client.log_inputs(tracker.run_id, datasets=inputs)
-    except Exception as e:  # noqa: BLE001 - bookkeeping, not the experiment
-        log.warning("could not log the dataset as an MLflow input: %s", one_line(e))
+        datasets.append({"name": name, "digest": hashlib.sha1(spec.encode()).hexdigest()[:10], "source": json.dumps({"uri": source}),
+                         "profile": json.dumps(profile), "context": context})
+    tracker.log_datasets(datasets)
 
 
 def execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
@@ -202,9 +195,9 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         plan = make_plan(cfg)  # 1. every value checked, components built
     with phase("store"):
         from freqexp.multirun.orphans import where_tags
-        from freqexp.tracking import Tracker
+        from freqexp.tracking import open_tracker
 
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        tracker = open_tracker(cfg.tracking.uri, cfg.tracking.experiment)  # in a process of its own for a single run (store_process)
         chash = config_hash(cfg)
         done = tracker.find_finished(chash) if resume else None
     if done is not None:

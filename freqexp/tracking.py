@@ -441,6 +441,29 @@ class Tracker:
         for p in paths:
             self.client.log_artifact(self.run_id, str(p), artifact_path=subdir)
 
+    def log_datasets(self, datasets: Iterable[Mapping[str, str]]) -> None:
+        """MLflow dataset inputs, one per mapping (name, digest, source, profile, context: the
+        mlflow.data.context tag), so the runs table's Dataset column says what the run read. Best
+        effort: a store without dataset support never fails a run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local", source=d["source"], profile=d["profile"]),
+                               tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as e:  # noqa: BLE001 - bookkeeping, not the experiment
+            import logging
+
+            logging.getLogger("freqexp").warning("could not log the dataset as an MLflow input: %s", first_sentence(e))
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def open_tracker(uri: str, experiment: str):
+    """A run's Tracker: a single run's store process (freqexp.store_process), where its entry point
+    started one, else the store opened in this process."""
+    from freqexp import store_process
+
+    return store_process.claim(uri, experiment) or Tracker(uri, experiment)
