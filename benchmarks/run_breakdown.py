@@ -12,11 +12,17 @@ run_start, setup, fit, evaluate, artifacts, figures, run_end), and the process's
 "besides" is everything but the fit (training with its per-epoch validation). Goal: wall <=
 fit + 5 s. Run 1 also pays what happens once (the store's creation and schema migrations, a
 dataset's first decoding): it is printed beside the medians, which are over the later runs.
+
+--baseline-env KEY=VALUE also runs the same command with that environment variable set (e.g.
+FREQEXP_STORE_PROCESS=0: the store opened in the run's own process, as before freqexp.store_process),
+alternating with the runs as they are, in the same folder and store, and prints both columns and
+the ratio of their walls and of what each spends besides the fit.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,13 +34,13 @@ STEPS = ["start-up (interpreter, entry imports)", "check + compose (+ run import
          "fit", "evaluate", "artifacts", "figures", "run_end", "exit"]
 
 
-def one_run(args, work: Path) -> dict:
+def one_run(args, work: Path, env=None) -> dict:
     store = f"sqlite:///{work / 'mlflow.db'}"
     for old in work.glob("outputs/runs/**/timing.json"):
         old.unlink()
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "freqexp", "trainer.progress_bar=false", f"tracking.uri={store}", *args],
-                          cwd=work, capture_output=True, text=True)
+                          cwd=work, capture_output=True, text=True, env={**os.environ, **(env or {})})
     t_end = time.time()
     if proc.returncode != 0:
         sys.exit(f"run_breakdown: the run failed:\n{proc.stderr[-2000:]}")
@@ -47,25 +53,44 @@ def one_run(args, work: Path) -> dict:
     return row
 
 
+def medians(rows: list) -> dict:
+    later = rows[1:] or rows
+    return {k: statistics.median(r[k] for r in later) for k in rows[0]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--baseline-env", metavar="KEY=VALUE", help="also run with this environment variable, alternating")
     args, extra = p.parse_known_args()
-    rows = []
+    baseline = dict([args.baseline_env.split("=", 1)]) if args.baseline_env else None
+    rows, base_rows = [], []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.runs):
-            rows.append(one_run(extra, Path(d)))
-            print(f"run {i + 1}: wall {rows[-1]['wall']:.1f} s, fit {rows[-1]['fit']:.1f} s", file=sys.stderr, flush=True)
-    later = rows[1:] or rows
-    med = {k: statistics.median(r[k] for r in later) for k in rows[0]}
+            for env, out in ((None, rows), (baseline, base_rows)) if baseline else ((None, rows),):
+                out.append(one_run(extra, Path(d), env))
+                label = f" ({args.baseline_env})" if env else ""
+                print(f"run {i + 1}{label}: wall {out[-1]['wall']:.1f} s, fit {out[-1]['fit']:.1f} s", file=sys.stderr, flush=True)
+    med = medians(rows)
     which = "1" if len(rows) == 1 else "2" if len(rows) == 2 else f"2-{len(rows)}"
     print(f"python -m freqexp {' '.join(extra)}: {args.runs} runs, each a new process, one store; seconds (median of run(s) {which};"
           f" run 1, which created the store, beside it)")
-    print(f"{'step':42} {'median':>8} {'run 1':>8}")
-    for k in STEPS + ["wall"]:
-        print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f}")
+    if baseline:
+        base = medians(base_rows)
+        print(f"baseline: the same with {args.baseline_env}, alternating (its run 1 opened the store run 1 created)")
+        print(f"{'step':42} {'median':>8} {'run 1':>8} {'baseline':>9}")
+        for k in STEPS + ["wall"]:
+            print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f} {base[k]:9.2f}")
+    else:
+        print(f"{'step':42} {'median':>8} {'run 1':>8}")
+        for k in STEPS + ["wall"]:
+            print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f}")
     besides = med["wall"] - med["fit"]
     print(f"besides the fit: {besides:.2f} s (goal <= 5 s; {'met' if besides <= 5 else 'not met'}); the fit is {med['fit'] / med['wall']:.0%} of the wall")
+    if baseline:
+        base_besides = base["wall"] - base["fit"]
+        print(f"baseline ({args.baseline_env}): besides the fit {base_besides:.2f} s; ratio as is / baseline: wall "
+              f"{med['wall'] / base['wall']:.3f}, besides the fit {besides / base_besides:.3f} ({besides - base_besides:+.2f} s)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ sends them through a pipe:
   and the run goes on; an error in one of them is raised by the run's end, which then ends the
   run FAILED with that error, so a run that lost a write never ends FINISHED;
 - when the run's process dies without ending its run (SIGKILL, out of memory), the pipe closes
-  and this process ends the run KILLED, with a tag saying why;
+  and this process ends the run KILLED, with the tag killed_reason as `freqexp.orphans` writes it;
 - it runs in a session of its own, so Ctrl-C reaches the run, which ends its run KILLED here.
 
 A sweep's workers keep the store in their own process: they import MLflow once for all their
@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 from freqexp.errors import ConfigError
 
 ENV = "FREQEXP_STORE_PROCESS"
-KILLED_MESSAGE = "the run's process ended without closing its run (killed, out of memory?)"
+KILLED_REASON = "its process (pid {pid}) is gone: it ended without closing its run (killed, out of memory?)"
 
 # Hydra's flags that print or sweep instead of making one run
 _NOT_A_SINGLE_RUN = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-i", "-c", "--cfg", "--resolve",
@@ -162,7 +162,8 @@ class RemoteTracker:
 class _Server:
     """The store process's side: a Tracker, and the first error of a call that did not wait."""
 
-    def __init__(self):
+    def __init__(self, run_pid: int):
+        self.run_pid = run_pid  # the run's process
         self.tracker = None
         self.ended = True
         self.error: Optional[str] = None
@@ -201,7 +202,7 @@ class _Server:
             return
         try:
             self.tracker.flush()
-            self.tracker.set_tags({"status": "killed", "error": KILLED_MESSAGE, "error_type": "ProcessDied"})
+            self.tracker.set_tags({"status": "killed", "killed_reason": KILLED_REASON.format(pid=self.run_pid)})
         finally:
             self.tracker.end("KILLED")
 
@@ -217,6 +218,7 @@ def serve() -> None:
     """The store process's loop: one call per message until the run's process closes the pipe."""
     from freqexp.tracking import first_sentence
 
+    run_pid = os.getppid()
     requests = os.fdopen(os.dup(0), "rb")
     replies = os.fdopen(os.dup(1), "wb")
     null = os.open(os.devnull, os.O_RDWR)
@@ -225,7 +227,7 @@ def serve() -> None:
     import mlflow.tracking  # noqa: F401 - now, while the run imports torch (the point of this process)
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-    server = _Server()
+    server = _Server(run_pid)
     while True:
         try:
             name, args, reply = pickle.load(requests)

@@ -36,14 +36,19 @@ def test_throughput_proxy_reports_consistent_rates_and_ratios():
 
 
 def test_run_breakdown_accounts_for_the_whole_wall_time():
-    out = bench("run_breakdown.py", "--runs", "1", "dataset=synthetic", "trainer.max_epochs=1")
-    rows = dict(re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+[\d.]+$", out, re.M))
-    steps = {k: float(v) for k, v in rows.items() if k != "wall"}
+    out = bench("run_breakdown.py", "--runs", "1", "--baseline-env", "FREQEXP_STORE_PROCESS=0", "dataset=synthetic", "trainer.max_epochs=1")
+    rows = {m[1]: (float(m[2]), float(m[4])) for m in re.finditer(r"^(\S.*?)\s{2,}([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)}
+    steps = {k: v for k, v in rows.items() if k != "wall"}
     assert {"store", "data", "fit", "evaluate", "exit"} <= set(steps) and len(steps) == 13
-    wall = float(rows["wall"])
-    assert sum(steps.values()) == pytest.approx(wall, rel=0.05)  # every second of the wall is in one step
+    for column in (0, 1):  # as is, and the baseline (the store opened in the run's own process)
+        wall = rows["wall"][column]
+        assert sum(v[column] for v in steps.values()) == pytest.approx(wall, rel=0.05)  # every second of the wall is in one step
     besides = float(re.search(r"besides the fit: ([\d.]+) s", out)[1])
-    assert besides == pytest.approx(wall - steps["fit"], abs=0.02)
+    assert besides == pytest.approx(rows["wall"][0] - rows["fit"][0], abs=0.02)
+    ratio = re.search(r"besides the fit ([\d.]+) s; ratio as is / baseline: wall ([\d.]+), besides the fit ([\d.]+)", out)
+    assert float(ratio[1]) == pytest.approx(rows["wall"][1] - rows["fit"][1], abs=0.02)
+    assert float(ratio[2]) == pytest.approx(rows["wall"][0] / rows["wall"][1], abs=2e-3)
+    assert float(ratio[3]) == pytest.approx(besides / float(ratio[1]), abs=2e-3)
 
 
 def test_channels_last_benchmark_reports_ratios_of_its_own_rows():

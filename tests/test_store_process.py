@@ -1,0 +1,147 @@
+"""A single run's MLflow store in a process of its own (freqexp/store_process.py): the run records
+the same things, its own process never imports MLflow, a run whose process dies is ended KILLED,
+a write the store refuses fails the run, and a store that cannot be opened is the same one-line
+error as before any training."""
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from freqexp import store_process
+from freqexp.errors import ConfigError
+from freqexp.run import execute
+from freqexp.store_process import StoreError, StoreProcess, wanted
+from freqexp.tracking import Tracker
+from tests.conftest import FAST, REPO, compose_cfg
+
+TIMED = ("sys/", "train/seconds")  # and every */throughput: times, not results
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_process():
+    yield
+    left, store_process._process = store_process._process, None
+    if left is not None:
+        left.proc.kill()
+
+
+def test_a_run_through_the_store_process_records_what_a_run_in_one_process_records(tmp_path, store):
+    overrides = ["dataset=synthetic", *FAST, f"tracking.uri={store}", "trainer.max_epochs=3", "seed=5"]
+    here = execute(compose_cfg(overrides), tmp_path / "here", run_name="here")
+    store_process.start()
+    assert store_process._process is not None
+    there = execute(compose_cfg(overrides), tmp_path / "there", run_name="there")
+    assert store_process._process is None, "the run claimed the started process"
+    assert there.tracking_uri == here.tracking_uri and there.info["experiment_id"] == here.info["experiment_id"]
+
+    client = MlflowClient(store)
+    a, b = client.get_run(here.run_id), client.get_run(there.run_id)
+    assert a.info.status == b.info.status == "FINISHED"
+    assert b.data.params == a.data.params
+    assert set(b.data.metrics) == set(a.data.metrics)
+    for key, value in a.data.metrics.items():
+        if not key.startswith(TIMED) and not key.endswith("/throughput"):
+            assert b.data.metrics[key] == pytest.approx(value, rel=1e-6), key
+    for key in ("train/loss", "val_epoch/auroc"):
+        curve = lambda run: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        assert len(curve(a)) == 3 and curve(b) == curve(a), key
+    skip = {"output_dir", "mlflow.runName", "freqexp.pid"}
+    assert {k: v for k, v in b.data.tags.items() if k not in skip} == {k: v for k, v in a.data.tags.items() if k not in skip}
+    assert b.data.tags["status"] == "finished" and b.data.tags["freqexp.pid"] == str(os.getpid())
+    files = lambda run: sorted(f.path for f in client.list_artifacts(run.info.run_id))
+    assert files(b) == files(a) and "model.pt" in files(b)
+    contexts = lambda run: sorted(t.value for d in run.inputs.dataset_inputs for t in d.tags)
+    assert contexts(b) == contexts(a) == ["testing", "training", "validation"]
+
+
+def test_the_run_process_itself_never_imports_mlflow(tmp_path):
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from freqexp import store_process\n"
+        "store_process.start()\n"
+        "from tests.conftest import compose_cfg\n"
+        "from freqexp.run import execute\n"
+        f"r = execute(compose_cfg(['dataset=synthetic', 'trainer.max_epochs=1', 'trainer.progress_bar=false', 'tracking.uri={store}']),"
+        f" Path({str(tmp_path / 'run')!r}))\n"
+        "print('RUN', r.run_id, 'MLFLOW', sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sqlalchemy', 'alembic'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RUN "))
+    run_id, imported = line.split()[1], line.split("MLFLOW ")[1]
+    assert imported == "[]"
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "FINISHED" and "test/auroc" in run.data.metrics
+
+
+def test_a_run_whose_process_dies_is_ended_killed_with_what_it_logged(tmp_path, store):
+    process = StoreProcess()
+    assert os.getsid(process.proc.pid) != os.getsid(0), "Ctrl-C at the terminal must reach the run, not its store"
+    tracker = process.open(store, "died")
+    run_id = tracker.start("r", {"purpose": "test"})
+    tracker.log_params({"lr": 0.001})
+    tracker.log_epoch_metrics({"train/loss": 0.25}, step=1)
+    tracker.log_epoch_metrics({"train/loss": 0.125}, step=2)
+    process.proc.stdin.close()  # what the run's death looks like from the store's side
+    assert process.proc.wait(timeout=120) == 0
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.params["lr"] == "0.001"
+    assert f"pid {os.getpid()}" in run.data.tags["killed_reason"] and run.data.tags["status"] == "killed"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 0.25), (2, 0.125)]
+
+
+def test_a_write_the_store_refused_fails_the_run_at_its_end(tmp_path, store):
+    process = StoreProcess()
+    tracker = process.open(store, "refused")
+    run_id = tracker.start("r", {})
+    tracker.log_artifacts([tmp_path / "never-written.txt"])  # sent; the store process cannot copy it
+    tracker.log_metrics({"test/auroc": 0.9})
+    with pytest.raises(StoreError, match="refused log_artifacts: .*never-written.txt"):
+        tracker.end("FINISHED")
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "FAILED" and "log_artifacts" in run.data.tags["error"]
+    assert run.data.metrics["test/auroc"] == 0.9  # the writes after the refused one still happened
+    tracker.end("FAILED")  # a run's failure path ends it again: no second error
+    assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
+    process.proc.stdin.close()
+    assert process.proc.wait(timeout=120) == 0
+
+
+def test_a_store_that_cannot_be_opened_is_the_same_one_line_config_error(tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    uri = f"sqlite:///{garbage}"
+    with pytest.raises(ConfigError) as here:
+        Tracker(uri, "x")
+    store_process.start()
+    with pytest.raises(ConfigError) as there:
+        store_process.claim(uri, "x")
+    assert there.value.key == "tracking.uri" and str(there.value) == str(here.value)
+    assert "cannot be opened" in str(there.value)
+    assert store_process.claim(uri, "x") is None, "a process serves one run"
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["model=ae", "trainer.max_epochs=1"], None, True),
+    ([], None, True),
+    (["-m", "model=ae,cae"], None, False),
+    (["--multirun", "model=ae,cae"], None, False),
+    (["hydra.mode=MULTIRUN"], None, False),
+    (["--cfg", "job"], None, False),
+    (["--help"], None, False),
+    (["--info=plugins"], None, False),
+    (["model=ae"], "0", False),
+    (["model=ae"], "1", True),
+])
+def test_only_a_single_run_gets_a_store_process(monkeypatch, argv, env, expected):
+    if env is None:
+        monkeypatch.delenv(store_process.ENV, raising=False)
+    else:
+        monkeypatch.setenv(store_process.ENV, env)
+    assert wanted(argv) is expected
