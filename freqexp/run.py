@@ -195,7 +195,7 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         plan = make_plan(cfg)  # 1. every value checked, components built
     with phase("store"):
         from freqexp.multirun.orphans import where_tags
-        from freqexp.tracking import open_tracker
+        from freqexp.store_process import open_tracker
 
         tracker = open_tracker(cfg.tracking.uri, cfg.tracking.experiment)  # in a process of its own for a single run (store_process)
         chash = config_hash(cfg)

@@ -68,12 +68,29 @@ def start() -> None:
 
 def claim(uri: str, experiment: str) -> Optional["RemoteTracker"]:
     """The started store process, opened on `uri` and `experiment`, as a Tracker; None where none
-    was started (or it was claimed already): the caller opens the store itself."""
+    was started here (or it was claimed already, or this is a child of the process that started
+    it), or where it ended before it could answer (a warning): the caller opens the store itself.
+    A store that cannot be opened raises ConfigError, as the store opened here does."""
     global _process
     process, _process = _process, None
-    if process is None:
+    if process is None or process.owner != os.getpid():
         return None
-    return process.open(uri, experiment)
+    try:
+        return process.open(uri, experiment)
+    except StoreError as e:
+        import logging
+
+        logging.getLogger("freqexp").warning("%s; the run opens the store itself", e)
+        process.proc.kill()
+        return None
+
+
+def open_tracker(uri: str, experiment: str):
+    """A run's Tracker: the store process its entry point started (a single run), else the store
+    opened in this process (freqexp.tracking.Tracker)."""
+    from freqexp.tracking import Tracker
+
+    return claim(uri, experiment) or Tracker(uri, experiment)
 
 
 def _unpickle_error(kind: str, args: tuple) -> BaseException:
@@ -91,6 +108,7 @@ class StoreProcess:
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      start_new_session=True, close_fds=True)
         self._send_to, self._replies = self.proc.stdin, self.proc.stdout
+        self.owner = os.getpid()  # a forked child must not write into this pipe too
 
     def send(self, name: str, *args, reply: bool = False) -> Any:
         try:

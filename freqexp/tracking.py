@@ -460,10 +460,3 @@ class Tracker:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
-
-def open_tracker(uri: str, experiment: str):
-    """A run's Tracker: a single run's store process (freqexp.store_process), where its entry point
-    started one, else the store opened in this process."""
-    from freqexp import store_process
-
-    return store_process.claim(uri, experiment) or Tracker(uri, experiment)

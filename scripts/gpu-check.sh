@@ -96,11 +96,11 @@ step() {
 B="$REPO/benchmarks"
 # GPU_CHECK_QUICK=1: tiny budgets, to rehearse every step on a CPU in a few minutes
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  T=(--limit 512 --epochs 2 --repeats 1); T2=(--limit 512 --epochs 2 --repeats 1); R=(--runs 2 trainer.max_epochs=1 dataset.limit_train=500)
+  T=(--limit 512 --epochs 2 --repeats 1); T2=(--limit 512 --epochs 2 --repeats 1); R=(--runs 1 --baseline-env FREQEXP_STORE_PROCESS=0 trainer.max_epochs=1 dataset.limit_train=500)
   M=(--limit-train 20 --limit-test 40 ++model.input_size=64); L=(--images 512 --steps 3 --repeats 1)
   S=(--packings 1 2 --classes 0 --epochs 1 dataset.limit_train=300); F=(); P=(-x)
 else
-  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 3); M=(--quick); L=(--images 10000 --steps 40)
+  T=(--epochs 4 --repeats ${GPU_CHECK_REPEATS:-2}); T2=(--epochs 4 --batch-size 1024); R=(--runs 2 --baseline-env FREQEXP_STORE_PROCESS=0); M=(--quick); L=(--images 10000 --steps 40)
   S=(--packings 1 4 8 --classes ${GPU_CHECK_CLASSES:-0,1,2,3} --epochs ${GPU_CHECK_EPOCHS:-10}); F=(); P=()
 fi
 # freqexp's path twice: as a run resolves trainer.steps_per_call (auto: 8 batches per pass of Lightning's loop
@@ -111,7 +111,7 @@ step "1b. Training step, batch 1024" 90 13 \
   "$PY" "$B/throughput.py" "${T2[@]}" --steps-per-call 1 "$HW"
 step "1c. Memory layout: NCHW vs NHWC (hardware.channels_last; auto keeps NCHW on a GPU until this is measured)" 40 4 \
   "$PY" "$B/channels_last.py" "${L[@]}" "$HW"
-step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs)" 120 20 \
+step "2a. A run's wall time, phase by phase (python -m freqexp $HW, 20 epochs), against the store opened in the run's process" 130 23 \
   "$PY" "$B/run_breakdown.py" "${R[@]}" "$HW"
 step "2b. What the start-up imports cost, by package" 60 16 \
   "$PY" "$B/import_time.py" $([ "$HW" = hardware=gpu ] && echo --cuda)

@@ -145,3 +145,15 @@ def test_only_a_single_run_gets_a_store_process(monkeypatch, argv, env, expected
     else:
         monkeypatch.setenv(store_process.ENV, env)
     assert wanted(argv) is expected
+
+
+def test_a_store_process_that_died_before_the_run_asked_leaves_the_store_to_the_run(tmp_path, store, caplog):
+    store_process.start()
+    store_process._process.proc.kill()
+    store_process._process.proc.wait(timeout=30)
+    with caplog.at_level("WARNING", logger="freqexp"):
+        assert store_process.claim(store, "x") is None
+    assert "store process ended" in caplog.text and "opens the store itself" in caplog.text
+    store_process.start()
+    store_process._process.owner = -1  # as a forked child of the process that started it sees it
+    assert store_process.claim(store, "x") is None
