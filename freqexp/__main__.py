@@ -54,6 +54,9 @@ def exit_now(code: int) -> None:
     import logging
     import os
 
+    from freqexp import store_process
+
+    store_process.discard()  # one no run claimed: the run failed before opening the store
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     logging.shutdown()

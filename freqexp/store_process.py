@@ -16,7 +16,13 @@ sends them through a pipe:
   run FAILED with that error, so a run that lost a write never ends FINISHED;
 - when the run's process dies without ending its run (SIGKILL, out of memory), the pipe closes
   and this process ends the run KILLED, with the tag killed_reason as `freqexp.orphans` writes it;
-- it runs in a session of its own, so Ctrl-C reaches the run, which ends its run KILLED here.
+- it runs in a session of its own and ignores SIGINT, SIGTERM and SIGHUP, so Ctrl-C, or a
+  scheduler's SIGTERM to every process of the job, is the run's to handle: the run ends its run
+  KILLED here, and this process ends when the run's pipe closes;
+- it opens the store with the run's environment as it is then (Hydra's hydra.job.env_set is
+  applied after this process started);
+- a process that no run claimed (the run failed before opening the store) is killed when the run's
+  process exits (freqexp.__main__.exit_now).
 
 A sweep's workers keep the store in their own process: they import MLflow once for all their
 jobs. FREQEXP_STORE_PROCESS=0 keeps a single run's store in its own process too.
@@ -35,10 +41,6 @@ from freqexp.errors import ConfigError
 ENV = "FREQEXP_STORE_PROCESS"
 KILLED_REASON = "its process (pid {pid}) is gone: it ended without closing its run (killed, out of memory?)"
 
-# Hydra's flags that print or sweep instead of making one run
-_NOT_A_SINGLE_RUN = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-i", "-c", "--cfg", "--resolve",
-                     "-sc", "--shell-completion", "--version", "-p", "--package"}
-
 _process: Optional["StoreProcess"] = None
 
 
@@ -47,12 +49,24 @@ class StoreError(RuntimeError):
 
 
 def wanted(argv: Iterable[str]) -> bool:
-    """Whether a command line is a single run that should get a store process."""
+    """Whether a command line is a single run that should get a store process: not a --multirun
+    (nor hydra.mode=MULTIRUN in any override form), not a flag that prints instead of running
+    (--help, --cfg, --info, ...; read with Hydra's own parser, which takes abbreviations)."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    args = list(argv)
-    return not any(a in _NOT_A_SINGLE_RUN or a.split("=", 1)[0] in _NOT_A_SINGLE_RUN for a in args) and \
-        not any(a.replace(" ", "").lower() == "hydra.mode=multirun" for a in args)
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:  # Hydra will say what is wrong with it
+        return False
+    if args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.resolve:
+        return False
+    for item in args.overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key.strip() == "hydra.mode" and value.strip().strip("'\"").upper() == "MULTIRUN":
+            return False
+    return True
 
 
 def start() -> None:
@@ -81,8 +95,17 @@ def claim(uri: str, experiment: str) -> Optional["RemoteTracker"]:
         import logging
 
         logging.getLogger("freqexp").warning("%s; the run opens the store itself", e)
-        process.proc.kill()
+        process.kill()
         return None
+
+
+def discard() -> None:
+    """Ends a store process that no run claimed (the run failed before opening the store): it
+    must not outlive the run's process, holding its stderr."""
+    global _process
+    process, _process = _process, None
+    if process is not None and process.owner == os.getpid():
+        process.kill()
 
 
 def open_tracker(uri: str, experiment: str):
@@ -109,14 +132,22 @@ class StoreProcess:
                                      start_new_session=True, close_fds=True)
         self._send_to, self._replies = self.proc.stdin, self.proc.stdout
         self.owner = os.getpid()  # a forked child must not write into this pipe too
+        self._owed = 0  # replies not yet read: a wait that Ctrl-C cut short leaves one behind
 
     def send(self, name: str, *args, reply: bool = False) -> Any:
+        """Sends one call; with `reply`, waits for its answer (reading first any answer an
+        interrupted wait left unread, so that answers never go to the wrong call)."""
         try:
             pickle.dump((name, args, reply), self._send_to, protocol=pickle.HIGHEST_PROTOCOL)
             self._send_to.flush()
             if not reply:
                 return None
-            status, value = pickle.load(self._replies)
+            self._owed += 1
+            while True:
+                status, value = pickle.load(self._replies)
+                self._owed -= 1
+                if self._owed == 0:
+                    break
         except (OSError, EOFError, pickle.UnpicklingError):
             raise StoreError(f"the MLflow store process ended (exit code {self.proc.poll()}); the run's records stop here") from None
         if status == "error":
@@ -127,8 +158,16 @@ class StoreProcess:
         from freqexp.tracking import resolve_uri
 
         uri = resolve_uri(uri)  # here: relative paths are the run's, and a bad URI fails before the round trip
-        experiment_id = self.send("open", uri, experiment, reply=True)
+        # the run's environment as it is now: Hydra's hydra.job.env_set (MLflow credentials, ...) came after the start
+        experiment_id = self.send("open", uri, experiment, dict(os.environ), reply=True)
         return RemoteTracker(self, uri, experiment_id)
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
 
 class RemoteTracker:
@@ -186,9 +225,12 @@ class _Server:
         self.ended = True
         self.error: Optional[str] = None
 
-    def open(self, uri: str, experiment: str) -> str:
+    def open(self, uri: str, experiment: str, environ: Dict[str, str]) -> str:
         from freqexp.tracking import Tracker
 
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
         self.tracker = Tracker(uri, experiment)
         return self.tracker.experiment_id
 
@@ -233,7 +275,14 @@ class _Server:
 
 
 def serve() -> None:
-    """The store process's loop: one call per message until the run's process closes the pipe."""
+    """The store process's loop: one call per message until the run's process closes the pipe
+    (or the pipe breaks); a run still open then is ended KILLED. Signals that end a job (SIGTERM
+    from a scheduler to every process of the job, SIGINT, SIGHUP) are ignored here: the run's
+    process handles them and ends its run through this process, whose pipe then closes."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     from freqexp.tracking import first_sentence
 
     run_pid = os.getppid()
@@ -242,30 +291,35 @@ def serve() -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(2, 1)  # anything printed goes to the run's stderr, never into the replies
-    import mlflow.tracking  # noqa: F401 - now, while the run imports torch (the point of this process)
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
     server = _Server(run_pid)
-    while True:
-        try:
-            name, args, reply = pickle.load(requests)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            break
-        try:
-            answer = ("ok", server.call(name, args))
-        except ConfigError as e:
-            answer = ("error", ("ConfigError", (e.key, e.message)))
-        except Exception as e:  # noqa: BLE001 - the run gets it as one line
-            text = e.args[0] if isinstance(e, StoreError) and e.args else f"{type(e).__name__}: {first_sentence(e)}"
-            if not reply:
-                server.error = server.error or f"the MLflow store refused {name}: {text}"
-                continue
-            answer = ("error", ("StoreError", (text,)))
-        if reply:
-            pickle.dump(answer, replies, protocol=pickle.HIGHEST_PROTOCOL)
-            replies.flush()
     try:
-        server.close_abandoned()
-    finally:  # no interpreter teardown (a second of finalizing MLflow's modules, for nothing)
-        sys.stderr.flush()
-        os._exit(0)
+        import mlflow.tracking  # noqa: F401 - now, while the run imports torch (the point of this process)
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+        while True:
+            try:
+                name, args, reply = pickle.load(requests)
+            except Exception:  # noqa: BLE001 - the pipe closed, broke or carried half a message: the run is gone
+                break
+            try:
+                answer = ("ok", server.call(name, args))
+            except ConfigError as e:
+                answer = ("error", ("ConfigError", (e.key, e.message)))
+            except Exception as e:  # noqa: BLE001 - the run gets it as one line
+                text = e.args[0] if isinstance(e, StoreError) and e.args else f"{type(e).__name__}: {first_sentence(e)}"
+                if not reply:
+                    server.error = server.error or f"the MLflow store refused {name}: {text}"
+                    continue
+                answer = ("error", ("StoreError", (text,)))
+            if reply:
+                try:
+                    pickle.dump(answer, replies, protocol=pickle.HIGHEST_PROTOCOL)
+                    replies.flush()
+                except OSError:  # the run is gone before its answer
+                    break
+    finally:
+        try:
+            server.close_abandoned()
+        finally:  # no interpreter teardown (a second of finalizing MLflow's modules, for nothing)
+            sys.stderr.flush()
+            os._exit(0)

@@ -3,6 +3,7 @@ the same things, its own process never imports MLflow, a run whose process dies 
 a write the store refuses fails the run, and a store that cannot be opened is the same one-line
 error as before any training."""
 import os
+import pickle
 import subprocess
 import sys
 
@@ -27,12 +28,18 @@ def no_leftover_process():
         left.proc.kill()
 
 
-def test_a_run_through_the_store_process_records_what_a_run_in_one_process_records(tmp_path, store):
+def test_a_run_through_the_store_process_records_what_a_run_in_one_process_records(tmp_path, store, monkeypatch):
     overrides = ["dataset=synthetic", *FAST, f"tracking.uri={store}", "trainer.max_epochs=3", "seed=5"]
     here = execute(compose_cfg(overrides), tmp_path / "here", run_name="here")
     store_process.start()
     assert store_process._process is not None
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the run opened the store in its own process")
+
+    monkeypatch.setattr("freqexp.tracking.Tracker.__init__", not_here)  # this process only: the store process has its own
     there = execute(compose_cfg(overrides), tmp_path / "there", run_name="there")
+    monkeypatch.undo()
     assert store_process._process is None, "the run claimed the started process"
     assert there.tracking_uri == here.tracking_uri and there.info["experiment_id"] == here.info["experiment_id"]
 
@@ -96,6 +103,91 @@ def test_a_run_whose_process_dies_is_ended_killed_with_what_it_logged(tmp_path, 
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 0.25), (2, 0.125)]
 
 
+def test_a_run_whose_process_dies_while_its_answer_is_on_the_way_is_ended_killed(tmp_path, store):
+    process = StoreProcess()
+    tracker = process.open(store, "gone")
+    pickle.dump(("start", ("r", {}), True), process._send_to)  # its answer finds the pipe closed
+    process._send_to.flush()
+    process.proc.stdout.close()
+    process.proc.stdin.close()
+    assert process.proc.wait(timeout=120) == 0
+    (run,) = MlflowClient(store).search_runs([tracker.experiment_id])
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["killed_reason"]
+
+
+def test_an_answer_an_interrupted_wait_left_unread_never_goes_to_the_next_call(tmp_path, store, monkeypatch):
+    process = StoreProcess()
+    tracker = process.open(store, "interrupted")
+    run_id = tracker.start("r", {})
+    real_load = store_process.pickle.load
+
+    def interrupted(stream):
+        raise KeyboardInterrupt  # Ctrl-C while the run waits for its end to be written
+
+    monkeypatch.setattr(store_process.pickle, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.end("FINISHED")
+    monkeypatch.setattr(store_process.pickle, "load", real_load)
+    second = tracker.start("second", {})  # reads the end's answer first, then its own: the new run's id
+    client = MlflowClient(store)
+    assert second is not None and second != run_id and client.get_run(second).info.run_name == "second"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    tracker.end("KILLED")
+    assert client.get_run(second).info.status == "KILLED"
+    process.proc.stdin.close()
+    assert process.proc.wait(timeout=120) == 0
+
+
+def test_the_store_opens_with_the_run_environment_as_it_is_when_the_store_opens(tmp_path, store, monkeypatch):
+    """Hydra applies hydra.job.env_set (MLflow credentials, ...) after the store process started."""
+    monkeypatch.setenv("FREQEXP_TEST_SET", "before")
+    monkeypatch.setenv("FREQEXP_TEST_UNSET", "before")
+    environ = {k: v for k, v in os.environ.items() if k != "FREQEXP_TEST_UNSET"}
+    environ["FREQEXP_TEST_SET"] = "after"
+    server = store_process._Server(os.getpid())
+    server.open(store, "env", environ)
+    assert os.environ["FREQEXP_TEST_SET"] == "after" and "FREQEXP_TEST_UNSET" not in os.environ
+    assert server.tracker.experiment_id
+
+
+@pytest.mark.parametrize("store_too", [False, True], ids=["run", "run-and-store"])
+def test_sigterm_to_the_run_or_to_every_process_of_the_job_ends_the_run_killed(tmp_path, store_too):
+    """A scheduler (SLURM's scancel, systemd) signals every process of the job, the store's too."""
+    import signal
+    import sqlite3
+    import time
+
+    db = tmp_path / "t.db"
+    proc = subprocess.Popen([sys.executable, "-m", "freqexp", "dataset=synthetic", "dataset.n_train=4000", "trainer.batch_size=16",
+                             "trainer.max_epochs=1000", "trainer.progress_bar=false", f"tracking.uri=sqlite:///{db}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def statuses():
+        try:
+            with sqlite3.connect(db) as con:
+                return [row[0] for row in con.execute("select status from runs")]
+        except sqlite3.Error:  # not created yet
+            return []
+
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and statuses() != ["RUNNING"]:
+            time.sleep(0.5)
+        assert statuses() == ["RUNNING"], "the run never started"
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert len(children) == 1, "one store process"
+        time.sleep(2)  # inside training
+        proc.send_signal(signal.SIGTERM)
+        if store_too:
+            os.kill(children[0], signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert statuses() == ["KILLED"]
+
+
 def test_a_write_the_store_refused_fails_the_run_at_its_end(tmp_path, store):
     process = StoreProcess()
     tracker = process.open(store, "refused")
@@ -136,6 +228,11 @@ def test_a_store_that_cannot_be_opened_is_the_same_one_line_config_error(tmp_pat
     (["--cfg", "job"], None, False),
     (["--help"], None, False),
     (["--info=plugins"], None, False),
+    (["--multi", "model=ae,cae"], None, False),  # Hydra's parser takes abbreviations
+    (["--cf", "job"], None, False),
+    (["-cn", "config", "model=ae"], None, True),
+    (["++hydra.mode=MULTIRUN"], None, False),
+    (["hydra.mode='MULTIRUN'"], None, False),
     (["model=ae"], "0", False),
     (["model=ae"], "1", True),
 ])
@@ -157,3 +254,20 @@ def test_a_store_process_that_died_before_the_run_asked_leaves_the_store_to_the_
     store_process.start()
     store_process._process.owner = -1  # as a forked child of the process that started it sees it
     assert store_process.claim(store, "x") is None
+
+
+def test_a_run_that_fails_before_opening_the_store_leaves_no_store_process_behind(tmp_path):
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        # a list without --multirun passes the command-line check (the store process starts) and Hydra refuses it at once
+        proc = subprocess.run([sys.executable, "-m", "freqexp", "dataset=synthetic", "model=ae,cae"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=f, timeout=300)
+    assert proc.returncode != 0 and "model" in err.read_text()
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(tmp_path) and b"store_process" in open(f"/proc/{pid}/cmdline", "rb").read():
+                left.append(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    assert left == [], "the store process no run claimed outlived the run's process"
