@@ -112,7 +112,10 @@ def test_a_validation_split_without_anomalies_fails_before_a_run_opens(tmp_path,
     assert not (tmp_path / "mlflow.db").exists() or len(read_runs(store)) == 0
 
 
-def test_sigterm_ends_the_run_killed_not_running(tmp_path):
+@pytest.mark.parametrize("store_too", [False, True], ids=["run", "run-and-its-store-process"])
+def test_sigterm_ends_the_run_killed_not_running(tmp_path, store_too):
+    """Also when a scheduler (SLURM's scancel, systemd) signals every process of the job: the run's
+    and its store process (freqexp.store_process), which leaves the signal to the run."""
     import signal
     import sqlite3
     import subprocess
@@ -136,8 +139,13 @@ def test_sigterm_ends_the_run_killed_not_running(tmp_path):
         while time.time() < deadline and statuses() != ["RUNNING"]:
             time.sleep(0.5)
         assert statuses() == ["RUNNING"], "the run never started"
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert len(children) == 1, "the run and one store process"
         time.sleep(3)  # inside training
         proc.send_signal(signal.SIGTERM)
+        if store_too:
+            os.kill(children[0], signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         proc.kill()

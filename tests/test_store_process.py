@@ -150,44 +150,6 @@ def test_the_store_opens_with_the_run_environment_as_it_is_when_the_store_opens(
     assert server.tracker.experiment_id
 
 
-@pytest.mark.parametrize("store_too", [False, True], ids=["run", "run-and-store"])
-def test_sigterm_to_the_run_or_to_every_process_of_the_job_ends_the_run_killed(tmp_path, store_too):
-    """A scheduler (SLURM's scancel, systemd) signals every process of the job, the store's too."""
-    import signal
-    import sqlite3
-    import time
-
-    db = tmp_path / "t.db"
-    proc = subprocess.Popen([sys.executable, "-m", "freqexp", "dataset=synthetic", "dataset.n_train=4000", "trainer.batch_size=16",
-                             "trainer.max_epochs=1000", "trainer.progress_bar=false", f"tracking.uri=sqlite:///{db}"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def statuses():
-        try:
-            with sqlite3.connect(db) as con:
-                return [row[0] for row in con.execute("select status from runs")]
-        except sqlite3.Error:  # not created yet
-            return []
-
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and statuses() != ["RUNNING"]:
-            time.sleep(0.5)
-        assert statuses() == ["RUNNING"], "the run never started"
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            children = [int(pid) for pid in f.read().split()]
-        assert len(children) == 1, "one store process"
-        time.sleep(2)  # inside training
-        proc.send_signal(signal.SIGTERM)
-        if store_too:
-            os.kill(children[0], signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert statuses() == ["KILLED"]
-
-
 def test_a_write_the_store_refused_fails_the_run_at_its_end(tmp_path, store):
     process = StoreProcess()
     tracker = process.open(store, "refused")
