@@ -312,13 +312,17 @@ def _execute(cfg: DictConfig, output_dir: Path, run_name: Optional[str], tags: O
         with phase("artifacts"):
             tracker.log_artifacts(artifacts)
         with phase("run_end"):  # the final metrics (with the phases timed so far), the status, the run's end
-            tracker.log_metrics({**metrics, **phase.metrics()}, step=trainer.current_epoch)
+            # a single run's process before the run (Python, imports, the command line, the config); a sweep's worker
+            # runs job after job, so the age of its process says nothing about one job
+            before = {"sys/seconds_before_run": phase.before} if (tags or {}).get("mode") == "run" and phase.before is not None else {}
+            tracker.log_metrics({**metrics, **phase.metrics(), **before}, step=trainer.current_epoch)
             tracker.set_tags({"status": "finished"})
             tracker.end("FINISHED")
         (output_dir / TIMING_FILE).write_text(json.dumps(phase.record(), indent=2))
         return RunResult(metrics, run_id, output_dir, tracker.uri, {"normal": data.info.get("normal_classes"),
                                                                      "experiment_id": tracker.experiment_id,
-                                                                     "phases": dict(phase.seconds)})
+                                                                     "phases": dict(phase.seconds),
+                                                                     "before_run": before.get("sys/seconds_before_run")})
     except BaseException as e:  # the run must never be left RUNNING
         if pruning.is_pruned(e):  # the search's pruner stopped it: not a failure, and not a result
             e.pruned_epoch = int(trainer.current_epoch) + 1
@@ -437,7 +441,7 @@ def summary(cfg, result: RunResult) -> str:
     lines += [
         f"  speed train {m['train/throughput']:,.0f} img/s   test {m['test/throughput']:,.0f} img/s   "
         f"peak memory {m['sys/peak_memory_mb']:,.0f} MiB   ({m['train/seconds']:.1f} s training)",
-        *([phase_line(result.info["phases"])] if result.info.get("phases") else []),
+        *([phase_line(result.info["phases"], result.info.get("before_run"))] if result.info.get("phases") else []),
         f"  run dir  {result.output_dir}",
         f"  MLflow   {result.tracking_uri}   experiment '{cfg.tracking.experiment}'   run {result.run_id}",
     ]
@@ -450,11 +454,15 @@ def summary(cfg, result: RunResult) -> str:
     return "\n".join(lines)
 
 
-def phase_line(phases: Dict[str, float]) -> str:
-    """`  time   fit 8.0 s + 1.2 s besides (data 0.3, store 0.2, ...)`: where the run's time went."""
+def phase_line(phases: Dict[str, float], before: Optional[float] = None) -> str:
+    """`  time   fit 8.0 s + 1.2 s besides (data 0.3, store 0.2, ...); 5.1 s before the run (...)`:
+    where the run's time went, and the process's time before it where known (a single run)."""
     other = {k: v for k, v in phases.items() if k != "fit"}
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(other.items(), key=lambda kv: -kv[1]))
-    return f"  time     fit {phases.get('fit', 0.0):.1f} s + {sum(other.values()):.1f} s besides ({parts})"
+    line = f"  time     fit {phases.get('fit', 0.0):.1f} s + {sum(other.values()):.1f} s besides ({parts})"
+    if before is not None:
+        line += f"; {before:.1f} s before the run (Python, importing torch and Lightning, the command line and config)"
+    return line
 
 
 def write_status(output_dir: Path, **fields) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 marks: Dict[str, float] = {}
 
@@ -22,6 +22,17 @@ def wait_for_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_since_start() -> Optional[float]:
+    """How long this process has run (10 ms resolution: the kernel's clock ticks), or None where
+    the system cannot say (no /proc)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, AttributeError, IndexError, ValueError):
+        return None
+
+
 def mark(name: str) -> None:
     """Record that the process reached `name` now (the first time only)."""
     marks.setdefault(name, time.time())
@@ -33,6 +44,7 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: Dict[str, float] = {}
         self.started = time.time()
+        self.before = seconds_since_start()  # the process before this run: Python, imports, the command line, the config
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
