@@ -75,19 +75,15 @@ def main() -> None:
     which = "1" if len(rows) == 1 else "2" if len(rows) == 2 else f"2-{len(rows)}"
     print(f"python -m freqexp {' '.join(extra)}: {args.runs} runs, each a new process, one store; seconds (median of run(s) {which};"
           f" run 1, which created the store, beside it)")
-    if baseline:
-        base = medians(base_rows)
+    base = medians(base_rows) if baseline else None
+    if base:
         print(f"baseline: the same with {args.baseline_env}, alternating (its run 1 opened the store run 1 created)")
-        print(f"{'step':42} {'median':>8} {'run 1':>8} {'baseline':>9}")
-        for k in STEPS + ["wall"]:
-            print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f} {base[k]:9.2f}")
-    else:
-        print(f"{'step':42} {'median':>8} {'run 1':>8}")
-        for k in STEPS + ["wall"]:
-            print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f}")
+    print(f"{'step':42} {'median':>8} {'run 1':>8}" + (f" {'baseline':>9}" if base else ""))
+    for k in STEPS + ["wall"]:
+        print(f"{k:42} {med[k]:8.2f} {rows[0][k]:8.2f}" + (f" {base[k]:9.2f}" if base else ""))
     besides = med["wall"] - med["fit"]
     print(f"besides the fit: {besides:.2f} s (goal <= 5 s; {'met' if besides <= 5 else 'not met'}); the fit is {med['fit'] / med['wall']:.0%} of the wall")
-    if baseline:
+    if base:
         base_besides = base["wall"] - base["fit"]
         print(f"baseline ({args.baseline_env}): besides the fit {base_besides:.2f} s; ratio as is / baseline: wall "
               f"{med['wall'] / base['wall']:.3f}, besides the fit {besides / base_besides:.3f} ({besides - base_besides:+.2f} s)")

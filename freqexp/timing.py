@@ -22,13 +22,18 @@ def wait_for_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def started_after_boot(pid: int | str = "self") -> float:
+    """When process `pid` started, in seconds after the machine booted (the kernel's clock ticks,
+    10 ms), from /proc; raises OSError (FileNotFoundError: no such process, or no /proc),
+    IndexError or ValueError where it cannot be read."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22, after "pid (name)"
+
+
 def seconds_since_start() -> Optional[float]:
-    """How long this process has run (10 ms resolution: the kernel's clock ticks), or None where
-    the system cannot say (no /proc)."""
+    """How long this process has run (to 10 ms), or None where the system cannot say (no /proc)."""
     try:
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks after boot
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_after_boot()
     except (OSError, AttributeError, IndexError, ValueError):
         return None
 

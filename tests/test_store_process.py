@@ -25,7 +25,7 @@ def no_leftover_process():
     yield
     left, store_process._process = store_process._process, None
     if left is not None:
-        left.proc.kill()
+        left.kill()
 
 
 def test_a_run_through_the_store_process_records_what_a_run_in_one_process_records(tmp_path, store, monkeypatch):

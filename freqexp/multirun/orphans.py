@@ -16,6 +16,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from freqexp.errors import ReportError
+from freqexp.timing import started_after_boot
 from freqexp.tracking import existing_store, first_sentence
 
 HOST_TAG, PID_TAG = "freqexp.host", "freqexp.pid"
@@ -30,11 +31,10 @@ def process_start(pid: int) -> Optional[float]:
     None when there is no such process."""
     if os.path.isdir("/proc/self"):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            after_boot = started_after_boot(pid)
             with open("/proc/stat") as f:
                 boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-            return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            return boot + after_boot
         except FileNotFoundError:
             return None
         except (OSError, StopIteration, IndexError, ValueError):
