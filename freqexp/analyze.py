@@ -13,13 +13,15 @@ import freqexp  # noqa: F401
 
 
 def run_analysis(cfg: DictConfig, out_dir: Path) -> dict:
-    import lightning.pytorch as L
     import pandas as pd
 
     from freqexp.analysis import ANALYSES
     from freqexp.data import DATASETS, build_dataset
+    from freqexp.lightning_import import import_lightning
     from freqexp.tracking import Tracker, flatten
     from freqexp.validate import resolve_hardware
+
+    L = import_lightning()
 
     analysis = ANALYSES.get(cfg.analysis.name)
     hardware = resolve_hardware(cfg.hardware)

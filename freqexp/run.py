@@ -73,7 +73,9 @@ def quiet_lightning() -> None:
 
 
 def build_trainer(cfg, plan: Plan, callbacks: list, max_epochs: int | None = None):
-    import lightning.pytorch as L
+    from freqexp.lightning_import import import_lightning
+
+    L = import_lightning()
     from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 
     from freqexp.training import EpochLines

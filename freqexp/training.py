@@ -9,16 +9,18 @@ import math
 import time
 from typing import Any, Callable, Dict, Optional
 
-import lightning.pytorch as L
 import torch
 from torch import nn
 
 from freqexp.augment.base import NoAugment
 from freqexp.errors import TrainingError
+from freqexp.lightning_import import import_lightning
 from freqexp.metrics import average_precision, reduce_map, roc_auc
 from freqexp.data.base import IndexBatches, StepGroup, StepGroups
 from freqexp.progress import Progress
 from freqexp.timing import wait_for_device
+
+L = import_lightning()  # Lightning without torchmetrics' transformers-based metrics (lightning_import.py)
 
 NAN_CHECK_EVERY = 50  # training steps between two NaN-guard checks (each one host-device sync); also at every epoch end
 

@@ -105,7 +105,9 @@ def check_loss_for_model(cfg, model: ReconstructionModel) -> None:
 
 
 def make_plan(cfg) -> Plan:
-    import lightning.pytorch as L
+    from freqexp.lightning_import import import_lightning
+
+    L = import_lightning()
 
     # Seed before anything random is built (model weights), so a run repeats exactly.
     L.seed_everything(integer("seed", cfg.seed, 0), workers=True, verbose=False)

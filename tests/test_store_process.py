@@ -64,6 +64,7 @@ def test_a_run_through_the_store_process_records_what_a_run_in_one_process_recor
 
 
 def test_the_run_process_itself_never_imports_mlflow(tmp_path):
+    # nor transformers, which only torchmetrics' text metrics would import (freqexp/lightning_import.py)
     store = f"sqlite:///{tmp_path / 'm.db'}"
     code = (
         "import sys\n"
@@ -74,7 +75,7 @@ def test_the_run_process_itself_never_imports_mlflow(tmp_path):
         "from freqexp.run import execute\n"
         f"r = execute(compose_cfg(['dataset=synthetic', 'trainer.max_epochs=1', 'trainer.progress_bar=false', 'tracking.uri={store}']),"
         f" Path({str(tmp_path / 'run')!r}))\n"
-        "print('RUN', r.run_id, 'MLFLOW', sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sqlalchemy', 'alembic'}))\n"
+        "print('RUN', r.run_id, 'MLFLOW', sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sqlalchemy', 'alembic', 'transformers'}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -131,8 +131,11 @@ def objective_so_far(monitor: str, best: Any = None):
     trainer.restore_best (`best`, the BestWeights callback, which must run first) the run is
     evaluated with the weights of its best val/auroc epoch, so that is the objective at that
     epoch, not at the last one: a trial that peaked at epoch 1 is judged by its peak."""
-    import lightning.pytorch as L
     import torch
+
+    from freqexp.lightning_import import import_lightning
+
+    L = import_lightning()
 
     class ObjectiveSoFar(L.Callback):
         def __init__(self):
