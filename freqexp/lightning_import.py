@@ -4,7 +4,7 @@ Lightning imports torchmetrics, and torchmetrics, when the `transformers` packag
 imports it at once (`from transformers import AutoModel, AutoTokenizer`, CLIPModel, ...) for its
 BERTScore, InfoLM, CLIPScore and CLIP-IQA metrics. freqexp never uses torchmetrics, and
 `transformers` is installed for the CLIP models (model=fe_clip, winclip), which import it
-themselves when they are built; on 2 CPU cores that import is 1.3-2.4 s of every process's start
+themselves when they are built; on 2 CPU cores that import is 1.8-2.4 s of every process's start
 (`benchmarks/import_time.py --lightning`). So while Lightning is imported, and only then,
 torchmetrics' version check reads version 0 for `transformers`: it skips those four metrics, and
 `import transformers` itself works as before. `FREQEXP_HIDE_TRANSFORMERS=0`, or importing
