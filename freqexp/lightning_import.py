@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -36,26 +37,38 @@ class _VersionZero(metadata.Distribution):
         return path
 
 
+def _normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares them: case and runs of -_. do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 class _HideVersions:
     """A `sys.meta_path` entry that finds no module, and answers first for these distributions."""
 
     def __init__(self, names):
-        self.names = frozenset(names)
+        self.names = frozenset(_normalized(n) for n in names)
 
     def find_spec(self, fullname, path=None, target=None):
         return None
 
     def find_distributions(self, context=metadata.DistributionFinder.Context()) -> Iterator:
         name = getattr(context, "name", None)
-        if name is not None and name.replace("-", "_").lower() in self.names:
+        if name and _normalized(name) in self.names:  # a listing of every distribution (no name) is left alone
             return iter([_VersionZero(name)])
         return iter(())
 
 
+def hiding_wanted(modules=None, environ=None) -> bool:
+    """Only before torchmetrics has read the versions (it keeps what it read), unless switched off."""
+    modules = sys.modules if modules is None else modules
+    environ = os.environ if environ is None else environ
+    untouched = "lightning.pytorch" not in modules and "torchmetrics" not in modules
+    return untouched and environ.get("FREQEXP_HIDE_TRANSFORMERS", "1") != "0"
+
+
 def import_lightning():
     """`lightning.pytorch`, imported with torchmetrics' optional packages hidden the first time."""
-    first = "lightning.pytorch" not in sys.modules and "torchmetrics" not in sys.modules
-    if first and os.environ.get("FREQEXP_HIDE_TRANSFORMERS", "1") != "0":
+    if hiding_wanted():
         hide = _HideVersions(HIDDEN_FROM_TORCHMETRICS)
         sys.meta_path.insert(0, hide)
         try:
