@@ -1,6 +1,6 @@
 """What a run's start-up imports cost, by top-level package, in a fresh interpreter.
 
-    .venv/bin/python benchmarks/import_time.py [--cuda] [--lightning ROUNDS]
+    .venv/bin/python benchmarks/import_time.py [--cuda] [--lightning ROUNDS [--lightning-only]]
 
 Runs `python -X importtime` on what `python -m freqexp` imports before its first epoch (the entry
 point, freqexp.run with Lightning, MLflow's client and sqlite store) and prints the seconds of each
@@ -13,7 +13,7 @@ freqexp pays once, not on every run).
 --lightning ROUNDS also times importing Lightning alone, the way freqexp does
 (freqexp/lightning_import.py: torchmetrics does not import transformers) against a plain
 `import lightning.pytorch`, alternating the two in fresh interpreters ROUNDS times each, and prints
-the medians and their ratio.
+the medians and their ratio; --lightning-only prints only that.
 """
 from __future__ import annotations
 
@@ -80,7 +80,11 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--lightning", type=int, default=0, metavar="ROUNDS",
                    help="also compare importing Lightning freqexp's way with a plain import, ROUNDS times each")
+    p.add_argument("--lightning-only", action="store_true", help="only that comparison")
     args = p.parse_args()
+    if args.lightning_only:
+        compare_lightning(max(args.lightning, 1))
+        return
     cuda = "import torch; torch.cuda.init(); t2 = time.perf_counter()" if args.cuda else "t2 = t1"
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-X", "importtime", "-c", CODE.format(cuda=cuda)], capture_output=True, text=True)

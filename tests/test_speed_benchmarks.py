@@ -51,6 +51,17 @@ def test_run_breakdown_accounts_for_the_whole_wall_time():
     assert float(ratio[3]) == pytest.approx(besides / float(ratio[1]), abs=2e-3)
 
 
+def test_import_time_compares_lightning_imported_both_ways_and_reports_its_own_ratio():
+    out = bench("import_time.py", "--lightning", "1", "--lightning-only")
+    rows = {m[1].strip(): (float(m[2]), m[3]) for m in
+            re.finditer(r"^  (.{32}) +([\d.]+)   transformers imported: (yes|no) ", out, re.M)}
+    ours, plain = rows["freqexp (lightning_import)"], rows["plain import lightning.pytorch"]
+    assert (ours[1], plain[1]) == ("no", "yes")  # what freqexp saves is the import of transformers
+    ratio = re.search(r"ratio freqexp / plain: ([\d.]+) \(([+-][\d.]+) s saved\)", out)
+    assert float(ratio[1]) == pytest.approx(ours[0] / plain[0], abs=2e-3)
+    assert float(ratio[2]) == pytest.approx(plain[0] - ours[0], abs=0.011)
+
+
 def test_channels_last_benchmark_reports_ratios_of_its_own_rows():
     out = bench("channels_last.py", "--images", "64", "--steps", "2", "--repeats", "1", "dataset=synthetic", "trainer.batch_size=32",
                 "trainer.eval_batch_size=32")
