@@ -10,6 +10,13 @@ import freqexp  # noqa: F401  (registers the loss config source)
 
 @hydra.main(version_base="1.3", config_path="pkg://freqexp.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
+    return start_run(cfg)
+
+
+def start_run(cfg: DictConfig) -> float:
+    from freqexp.data import prefetch
+
+    prefetch(cfg.get("dataset"))  # the data is decompressed in a thread while freqexp.run imports Lightning
     from freqexp.run import task
 
     return task(cfg)

@@ -2,7 +2,7 @@
 from freqexp.data.base import DATASETS, IndexBatches, OneClassData, Split, StepGroups
 from freqexp.data import categories, fashion_mnist, folder, mnist_idx, synthetic, tiff_domains  # noqa: F401  (registration)
 
-__all__ = ["DATASETS", "IndexBatches", "OneClassData", "Split", "StepGroups", "build_dataset", "dataset_shape"]
+__all__ = ["DATASETS", "IndexBatches", "OneClassData", "Split", "StepGroups", "build_dataset", "dataset_shape", "prefetch"]
 
 
 def dataset_shape(cfg) -> tuple[int, int, int]:
@@ -12,3 +12,16 @@ def dataset_shape(cfg) -> tuple[int, int, int]:
 
 def build_dataset(cfg) -> OneClassData:
     return DATASETS.get(cfg.name).load(cfg)
+
+
+def prefetch(cfg) -> None:
+    """Start reading a dataset's files in a thread where its loader can (the IDX sets: their
+    gzip is decompressed by zlib, which lets other threads run), so a single run decompresses
+    them while it imports torch and Lightning. Best effort: a bad config or a missing or corrupt
+    file is left to the run's own checks, which report it as before."""
+    try:
+        start = getattr(DATASETS.get(cfg.name), "prefetch", None)
+        if start is not None:
+            start(cfg)
+    except Exception:  # noqa: BLE001 - whatever it is, validation and loading say it in one line later
+        pass

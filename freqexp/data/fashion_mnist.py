@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from freqexp.data.base import DATASETS, OneClassData, Split, one_class_split
+from freqexp.data import idx
 from freqexp.data.idx import parse_idx, read_bytes, sha256
 from freqexp.errors import ConfigError, DataError
 
@@ -147,6 +148,14 @@ class FashionMNIST:
     @staticmethod
     def shape(cfg) -> tuple[int, int, int]:
         return (1, 28, 28)
+
+    @staticmethod
+    def prefetch(cfg) -> None:
+        """Decompress the four files in a thread while the run starts (freqexp.data.prefetch)."""
+        if cfg.root is not None and not os.path.isdir(os.path.expanduser(str(cfg.root))):
+            return  # check() refuses it: no fallback to the default folders
+        directory = locate(cfg.root)
+        idx.prefetch(find_file(directory, stem) for stem, _, _ in FILES.values())
 
     @staticmethod
     def load(cfg) -> OneClassData:

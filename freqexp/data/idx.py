@@ -1,10 +1,12 @@
 """Reader for the IDX format of (Fashion-)MNIST, gzip-compressed or not."""
 from __future__ import annotations
 
-import gzip
 import hashlib
+import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import zlib
 
@@ -19,26 +21,82 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 # jobs on the same data and decompresses it once (Fashion-MNIST: 0.3 s a job on 2 CPU cores).
 _DECODED: "OrderedDict[tuple, bytes]" = OrderedDict()
 DECODED_CACHE_BYTES = 256 * 2**20
+_LOCK = threading.Lock()
+_DECODING: "dict[tuple, threading.Event]" = {}  # files a thread is decompressing now; others wait for it
+
+
+def gunzip(raw: bytes) -> bytes:
+    """A gzip file's content, each member inflated in one zlib call (which lets go of the
+    interpreter's lock for all of it, where gzip.open reads in small pieces); the trailer's CRC
+    and length are checked by zlib."""
+    out = []
+    while raw:
+        d = zlib.decompressobj(wbits=31)
+        out.append(d.decompress(raw))
+        if not d.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        raw = d.unused_data.lstrip(b"\x00")  # members may follow, and zero padding after the last
+    return b"".join(out)
+
+
+def _decode(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gunzip(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
 
 
 def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed; each file is decompressed once per process, also when a
+    prefetch (below) is still at work on it (this waits for it rather than doing it twice)."""
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key in _DECODED:
-            _DECODED.move_to_end(key)
-            return _DECODED[key]
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    _DECODED[key] = data
-    while sum(len(v) for v in _DECODED.values()) > DECODED_CACHE_BYTES and len(_DECODED) > 1:
-        _DECODED.popitem(last=False)
-    return data
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    while True:
+        with _LOCK:
+            if key in _DECODED:
+                _DECODED.move_to_end(key)
+                return _DECODED[key]
+            pending = _DECODING.get(key)
+            if pending is None:
+                pending = _DECODING[key] = threading.Event()
+                break
+        pending.wait()  # another thread's decompression ended; it kept the bytes, or failed and this one retries
+    try:
+        data = _decode(path)
+        with _LOCK:
+            _DECODED[key] = data
+            while sum(len(v) for v in _DECODED.values()) > DECODED_CACHE_BYTES and len(_DECODED) > 1:
+                _DECODED.popitem(last=False)
+        return data
+    finally:
+        with _LOCK:
+            del _DECODING[key]
+        pending.set()
+
+
+def prefetch(paths) -> Optional[threading.Thread]:
+    """Start decompressing these files in a thread and return it (None when there is nothing to
+    do). zlib and sha256 let go of the interpreter's lock, so this runs beside the run's imports
+    of torch and Lightning on another core; read_bytes then finds the bytes ready, or waits for
+    them. A file that cannot be read is left for read_bytes, which says why."""
+    paths = [Path(p) for p in paths if p is not None]
+    if not paths or os.environ.get("FREQEXP_PREFETCH", "1") == "0":
+        return None
+
+    def work():
+        for p in paths:
+            try:
+                read_bytes(p)
+            except DataError:
+                pass
+
+    thread = threading.Thread(target=work, name="freqexp-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 
 from freqexp.data.base import DATASETS, OneClassData
 from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file, normal_classes
-from freqexp.data.idx import parse_idx, read_bytes
+from freqexp.data.idx import parse_idx, prefetch as prefetch_files, read_bytes
 from freqexp.errors import ConfigError, DataError
 
 
@@ -48,6 +48,12 @@ class MnistIDX:
         if len(header) < 16 or header[2] != 0x08 or header[3] != 3:
             raise DataError(f"{path} is not an IDX file of uint8 images [N, H, W]")
         return (1, int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big"))
+
+    @staticmethod
+    def prefetch(cfg) -> None:
+        """Decompress the four files in a thread while the run starts (freqexp.data.prefetch)."""
+        directory = locate(cfg)
+        prefetch_files(find_file(directory, stem) for stem, _, _ in FILES.values())
 
     @staticmethod
     def load(cfg) -> OneClassData:
