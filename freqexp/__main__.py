@@ -14,9 +14,12 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def start_run(cfg: DictConfig) -> float:
+    import contextlib
+
     from freqexp.data import prefetch
 
-    prefetch(cfg.get("dataset"))  # the data is decompressed in a thread while freqexp.run imports Lightning
+    with contextlib.suppress(Exception):  # best effort: a bad dataset config is reported by the run's validation
+        prefetch(cfg.dataset)  # the data is decompressed in a thread while freqexp.run imports Lightning
     from freqexp.run import task
 
     return task(cfg)

@@ -16,9 +16,10 @@ def build_dataset(cfg) -> OneClassData:
 
 def prefetch(cfg) -> None:
     """Start reading a dataset's files in a thread where its loader can (the IDX sets: their
-    gzip is decompressed by zlib, which lets other threads run), so a single run decompresses
-    them while it imports torch and Lightning. Best effort: a bad config or a missing or corrupt
-    file is left to the run's own checks, which report it as before."""
+    gzip is decompressed by zlib, which lets other threads run), so a run decompresses them
+    while it imports Lightning (a sweep's job too: its worker then finds them decompressed
+    already). Best effort: a bad config or a missing or corrupt file is left to the run's own
+    checks, which report it as before."""
     try:
         start = getattr(DATASETS.get(cfg.name), "prefetch", None)
         if start is not None:

@@ -1,7 +1,9 @@
 """Reader for the IDX format of (Fashion-)MNIST, gzip-compressed or not."""
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
 import threading
 from collections import OrderedDict
@@ -26,24 +28,26 @@ _DECODING: "dict[tuple, threading.Event]" = {}  # files a thread is decompressin
 
 
 def gunzip(raw: bytes) -> bytes:
-    """A gzip file's content, each member inflated in one zlib call (which lets go of the
-    interpreter's lock for all of it, where gzip.open reads in small pieces); the trailer's CRC
-    and length are checked by zlib."""
-    out = []
-    while raw:
-        d = zlib.decompressobj(wbits=31)
-        out.append(d.decompress(raw))
-        if not d.eof:
-            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-        raw = d.unused_data.lstrip(b"\x00")  # members may follow, and zero padding after the last
-    return b"".join(out)
+    """A gzip file's content. A file of one member (the usual) is inflated in one zlib call,
+    which lets go of the interpreter's lock for all of it (gzip.open reads in small pieces, each
+    taking the lock back) and checks the trailer's CRC and length; anything else (several
+    members, a damaged or truncated file) goes to Python's gzip reader, as before, with its errors."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        data = d.decompress(raw)
+    except zlib.error:
+        data = None
+    if data is not None and d.eof and not d.unused_data.strip(b"\x00"):
+        return data
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+        return f.read()
 
 
 def _decode(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gunzip(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, zlib.error) as e:
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {e}") from None
 
 
@@ -55,17 +59,18 @@ def read_bytes(path: Path) -> bytes:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    while True:
-        with _LOCK:
-            if key in _DECODED:
-                _DECODED.move_to_end(key)
-                return _DECODED[key]
-            pending = _DECODING.get(key)
-            if pending is None:
-                pending = _DECODING[key] = threading.Event()
-                break
-        pending.wait()  # another thread's decompression ended; it kept the bytes, or failed and this one retries
+    mine = None
     try:
+        while mine is None:
+            with _LOCK:
+                if key in _DECODED:
+                    _DECODED.move_to_end(key)
+                    return _DECODED[key]
+                pending = _DECODING.get(key)
+                if pending is None or pending.is_set():  # a set one is a decompression that ended: never wait on it
+                    mine = _DECODING[key] = threading.Event()
+                    continue
+            pending.wait()  # the other thread kept the bytes, or failed and this one tries itself
         data = _decode(path)
         with _LOCK:
             _DECODED[key] = data
@@ -73,17 +78,19 @@ def read_bytes(path: Path) -> bytes:
                 _DECODED.popitem(last=False)
         return data
     finally:
-        with _LOCK:
-            del _DECODING[key]
-        pending.set()
+        if mine is not None:
+            mine.set()  # first: whatever happens next, nobody waits on it any more
+            with _LOCK:
+                if _DECODING.get(key) is mine:
+                    del _DECODING[key]
 
 
 def prefetch(paths) -> Optional[threading.Thread]:
     """Start decompressing these files in a thread and return it (None when there is nothing to
-    do). zlib and sha256 let go of the interpreter's lock, so this runs beside the run's imports
-    of torch and Lightning on another core; read_bytes then finds the bytes ready, or waits for
-    them. A file that cannot be read is left for read_bytes, which says why."""
-    paths = [Path(p) for p in paths if p is not None]
+    do). zlib lets go of the interpreter's lock while it inflates, so this runs on another core
+    beside a run's import of Lightning; read_bytes then finds the bytes ready, or waits for them.
+    A file that cannot be read is left to read_bytes in the loader, which says why."""
+    paths = [Path(p).absolute() for p in paths if p is not None]  # resolved here: the cwd may change later
     if not paths or os.environ.get("FREQEXP_PREFETCH", "1") == "0":
         return None
 
@@ -91,7 +98,7 @@ def prefetch(paths) -> Optional[threading.Thread]:
         for p in paths:
             try:
                 read_bytes(p)
-            except DataError:
+            except Exception:  # noqa: BLE001 - the loader reads it again and reports it in one line
                 pass
 
     thread = threading.Thread(target=work, name="freqexp-prefetch", daemon=True)

@@ -12,7 +12,8 @@ import torch
 
 from freqexp.data.base import DATASETS, OneClassData
 from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file, normal_classes
-from freqexp.data.idx import parse_idx, prefetch as prefetch_files, read_bytes
+from freqexp.data import idx
+from freqexp.data.idx import parse_idx, read_bytes
 from freqexp.errors import ConfigError, DataError
 
 
@@ -53,7 +54,7 @@ class MnistIDX:
     def prefetch(cfg) -> None:
         """Decompress the four files in a thread while the run starts (freqexp.data.prefetch)."""
         directory = locate(cfg)
-        prefetch_files(find_file(directory, stem) for stem, _, _ in FILES.values())
+        idx.prefetch(find_file(directory, stem) for stem, _, _ in FILES.values())
 
     @staticmethod
     def load(cfg) -> OneClassData:
