@@ -14,12 +14,13 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def start_run(cfg: DictConfig) -> float:
-    import contextlib
+    from omegaconf import OmegaConf
 
     from freqexp.data import prefetch
 
-    with contextlib.suppress(Exception):  # best effort: a bad dataset config is reported by the run's validation
-        prefetch(cfg.dataset)  # the data is decompressed in a thread while freqexp.run imports Lightning
+    dataset = OmegaConf.select(cfg, "dataset", throw_on_resolution_failure=False)  # None: the run's validation says why
+    if dataset is not None:
+        prefetch(dataset)  # the data is decompressed in a thread while freqexp.run imports Lightning
     from freqexp.run import task
 
     return task(cfg)

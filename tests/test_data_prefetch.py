@@ -22,6 +22,7 @@ import freqexp.data as data
 from freqexp.data import idx
 from freqexp.data.fashion_mnist import FILES
 from freqexp.errors import DataError
+from tests.conftest import compose_cfg
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -172,7 +173,7 @@ def test_fashion_mnist_prefetches_its_four_files_and_loads_them_unchanged(fresh,
     threads = []
     real = idx.prefetch
     monkeypatch.setattr(idx, "prefetch", lambda paths: threads.append(real(paths)) or threads[-1])
-    cfg = OmegaConf.create({"name": "fashion_mnist", "root": str(FMNIST_DIR)})
+    cfg = compose_cfg([f"dataset.root={FMNIST_DIR}"]).dataset
     data.prefetch(cfg)
     assert len(threads) == 1
     threads[0].join(120)
@@ -186,7 +187,9 @@ def test_fashion_mnist_prefetches_its_four_files_and_loads_them_unchanged(fresh,
 
 @pytest.mark.parametrize("cfg", [
     {"name": "no_such_dataset"},
-    {"name": "fashion_mnist", "root": "/no/such/folder"},  # not a fallback to the default folders
+    {"name": "fashion_mnist", "root": "/no/such/folder", "normal_class": 0, "val_fraction": 0.1, "val_anomalies": "classes",
+     "val_anomaly_ratio": 1.0, "limit_train": None, "limit_test": None},  # not a fallback to the default folders
+    {"name": "fashion_mnist", "root": None, "normal_class": 12},  # a value the dataset's check refuses
     {"name": "mnist_idx", "root": "???"},
     {"name": "mnist_idx", "root": "/no/such/folder"},
     {"name": "synthetic"},

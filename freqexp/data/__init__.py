@@ -19,10 +19,11 @@ def prefetch(cfg) -> None:
     gzip is decompressed by zlib, which lets other threads run), so a run decompresses them
     while it imports Lightning (a sweep's job too: its worker then finds them decompressed
     already). Best effort: a bad config or a missing or corrupt file is left to the run's own
-    checks, which report it as before."""
+    checks, which report it as before; a config the dataset's own check() refuses reads nothing."""
     try:
-        start = getattr(DATASETS.get(cfg.name), "prefetch", None)
-        if start is not None:
-            start(cfg)
+        dataset = DATASETS.get(cfg.name)
+        if hasattr(dataset, "prefetch"):
+            dataset.check(cfg)
+            dataset.prefetch(cfg)
     except Exception:  # noqa: BLE001 - whatever it is, validation and loading say it in one line later
         pass

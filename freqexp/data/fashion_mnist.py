@@ -67,6 +67,11 @@ def locate(root: Optional[str]) -> Path:
     )
 
 
+def prefetch_set(directory: Path) -> None:
+    """Decompress an IDX set's four files in a thread while the run starts (freqexp.data.prefetch)."""
+    idx.prefetch(find_file(directory, stem) for stem, _, _ in FILES.values())
+
+
 def load_arrays(directory: Path) -> dict:
     arrays = {}
     for key, (stem, size, digest) in FILES.items():
@@ -151,11 +156,7 @@ class FashionMNIST:
 
     @staticmethod
     def prefetch(cfg) -> None:
-        """Decompress the four files in a thread while the run starts (freqexp.data.prefetch)."""
-        if cfg.root is not None and not os.path.isdir(os.path.expanduser(str(cfg.root))):
-            return  # check() refuses it: no fallback to the default folders
-        directory = locate(cfg.root)
-        idx.prefetch(find_file(directory, stem) for stem, _, _ in FILES.values())
+        prefetch_set(locate(cfg.root))
 
     @staticmethod
     def load(cfg) -> OneClassData:

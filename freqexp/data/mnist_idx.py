@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from freqexp.data.base import DATASETS, OneClassData
-from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file, normal_classes
-from freqexp.data import idx
+from freqexp.data.fashion_mnist import FILES, check_protocol, class_protocol, find_file, normal_classes, prefetch_set
 from freqexp.data.idx import parse_idx, read_bytes
 from freqexp.errors import ConfigError, DataError
 
@@ -52,9 +51,7 @@ class MnistIDX:
 
     @staticmethod
     def prefetch(cfg) -> None:
-        """Decompress the four files in a thread while the run starts (freqexp.data.prefetch)."""
-        directory = locate(cfg)
-        idx.prefetch(find_file(directory, stem) for stem, _, _ in FILES.values())
+        prefetch_set(locate(cfg))
 
     @staticmethod
     def load(cfg) -> OneClassData:
